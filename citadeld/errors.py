@@ -97,7 +97,7 @@ class BackendError(Exception):
             return BadRequest(self.message, code="input_rejected")
         if self.kind == "timeout":
             return UpstreamTimeout(f"embedding backend timed out: {self.message}")
-        if self.kind == "connect" or self.status in (429, 503):
+        if self.kind in ("connect", "died") or self.status in (429, 503):
             return Unavailable(
                 f"embedding backend unavailable: {self.message}",
                 retry_after=self.retry_after or 1.0,

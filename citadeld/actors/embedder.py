@@ -141,6 +141,7 @@ class EmbedderActor(SupervisedActor):
                 (time.monotonic() - started) * 1e3,
                 len(result.errors),
             )
+            result.backend_s = time.monotonic() - started
             settle(msg.reply, result)
 
     def _probe(self, msg: Probe) -> None:

@@ -19,6 +19,7 @@ class BatchResult:
     vectors: np.ndarray  # (n, dims) float32, L2-normalised when the model asks for it
     tokens: list[int]
     errors: dict[int, BackendError] = field(default_factory=dict)
+    backend_s: float = 0.0  # set by the actor: time inside the backend call
 
 
 class EmbeddingBackend(Protocol):
