@@ -69,7 +69,7 @@ def test_errors_name_the_key(tmp_path: Path, yaml_text: str, needle: str) -> Non
 
 
 def test_env_error_names_the_key() -> None:
-    with pytest.raises(ConfigError, match="server.max_body_bytes"):
+    with pytest.raises(ConfigError, match=r"server\.max_body_bytes"):
         load_config(None, env={"CITADEL_SERVER__MAX_BODY_BYTES": "tiny"})
 
 

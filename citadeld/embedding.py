@@ -1,0 +1,187 @@
+"""EmbeddingService: what every embedding route calls, whatever its dialect.
+
+Order of work per request: resolve the model, look all inputs up in the cache in one batched call,
+send only the misses to the model's pool, reduce dimensions, write the new vectors back (fire and
+forget), and fall back to another model only where the config says so. Every answer names the
+model that produced it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from citadeld.actors.cache import EmbeddingCache, cache_key
+from citadeld.actors.embedder_pool import EmbedderPool
+from citadeld.config import EmbeddingConfig, ModelConfig
+from citadeld.errors import (
+    BadRequest,
+    ItemError,
+    ModelNotFound,
+    Unavailable,
+    UpstreamError,
+    UpstreamTimeout,
+)
+from citadeld.metrics import Metrics
+
+
+@dataclass
+class EmbedOutcome:
+    model: str
+    vectors: np.ndarray  # (n, dims) float32
+    cached: list[bool]
+    tokens: list[int]
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.tokens)
+
+
+class EmbeddingService:
+    def __init__(
+        self,
+        cfg: EmbeddingConfig,
+        pools: dict[str, EmbedderPool],
+        cache: EmbeddingCache,
+        metrics: Metrics,
+    ) -> None:
+        self.cfg = cfg
+        self.pools = pools
+        self.cache = cache
+        self.metrics = metrics
+        self._names: dict[str, str] = {}
+        for name, m in cfg.models.items():
+            self._names[name] = name
+            for alias in m.aliases:
+                self._names[alias] = name
+        # Ollama clients say "all-minilm:latest" for "all-minilm"
+        for name in cfg.models:
+            self._names.setdefault(f"{name}:latest", name)
+        self._cache_stage = {n: metrics.embed_stage.labels(n, "cache") for n in cfg.models}
+
+    def resolve(self, model: str | None) -> str:
+        if model is None or model == "":
+            return self.cfg.default_model
+        name = self._names.get(model)
+        if name is None:
+            raise ModelNotFound(f"model {model!r} is not configured", param="model")
+        return name
+
+    def model_cfg(self, name: str) -> ModelConfig:
+        return self.cfg.models[name]
+
+    def check_inputs(self, texts: list[str]) -> None:
+        """Limits shared by every dialect; per-dialect shape checks happen in the routes."""
+        if not texts:
+            raise BadRequest("input must contain at least one text", param="input")
+        if len(texts) > self.cfg.max_inputs:
+            raise BadRequest(
+                f"too many inputs: {len(texts)} (at most {self.cfg.max_inputs} per request)",
+                code="too_many_inputs",
+                param="input",
+            )
+        limit = self.cfg.max_input_chars
+        for i, t in enumerate(texts):
+            if not t:
+                raise BadRequest(f"input {i} is empty", param="input")
+            if len(t) > limit:
+                raise BadRequest(
+                    f"input {i} has {len(t)} characters (at most {limit})",
+                    code="input_too_long",
+                    param="input",
+                )
+
+    async def embed(
+        self,
+        model: str | None,
+        texts: list[str],
+        *,
+        use_cache: bool = True,
+        truncate: bool | None = None,
+        dimensions: int | None = None,
+    ) -> EmbedOutcome:
+        name = self.resolve(model)
+        self.check_inputs(texts)
+        try:
+            return await self._embed_with(name, texts, use_cache, truncate, dimensions)
+        except (Unavailable, UpstreamError, UpstreamTimeout):
+            fallback = self.cfg.models[name].fallback_model
+            if fallback is None:
+                raise
+            return await self._embed_with(fallback, texts, use_cache, truncate, dimensions)
+
+    async def _embed_with(
+        self,
+        name: str,
+        texts: list[str],
+        use_cache: bool,
+        truncate: bool | None,
+        dimensions: int | None,
+    ) -> EmbedOutcome:
+        mcfg = self.cfg.models[name]
+        dims = mcfg.dims if dimensions is None else dimensions
+        if not 1 <= dims <= mcfg.dims:
+            raise BadRequest(
+                f"dimensions must be between 1 and {mcfg.dims} for model {name}",
+                param="dimensions",
+            )
+        trunc = mcfg.truncate if truncate is None else truncate
+        n = len(texts)
+        vectors = np.empty((n, dims), dtype=np.float32)
+        cached = [False] * n
+        tokens = [0] * n
+        misses: list[int] = list(range(n))
+        keys: list[bytes] = []
+        if use_cache:
+            t0 = time.perf_counter()
+            keys = [cache_key(name, dims, mcfg.normalize, t) for t in texts]
+            hits = await self.cache.get_many(keys)
+            self._cache_stage[name].observe(time.perf_counter() - t0)
+            misses = []
+            for i, hit in enumerate(hits):
+                if hit is not None and hit.shape == (dims,):
+                    vectors[i] = hit
+                    cached[i] = True
+                else:
+                    misses.append(i)
+            if n - len(misses):
+                self.metrics.cache_hits.inc(n - len(misses))
+            if misses:
+                self.metrics.cache_misses.inc(len(misses))
+        if misses:
+            pool = self.pools[name]
+            try:
+                results = await pool.embed([texts[i] for i in misses], trunc)
+            except ItemError as exc:
+                index = misses[exc.index] if exc.index is not None else None
+                where = f"input {index}" if index is not None else "an input"
+                if exc.error.kind != "client":  # e.g. NaN from the backend: not the caller's fault
+                    raise UpstreamError(f"{where}: {exc.error.message}") from None
+                raise BadRequest(
+                    f"{where}: {exc.error.message}", code="input_rejected", param="input"
+                ) from None
+            fresh: list[tuple[bytes, np.ndarray]] = []
+            for i, (vec, ntok) in zip(misses, results, strict=True):
+                out = _reduce(vec, dims, mcfg.normalize) if dims != vec.shape[0] else vec
+                if not np.all(np.isfinite(out)):
+                    raise UpstreamError(f"backend returned non-finite values for input {i}")
+                vectors[i] = out
+                tokens[i] = ntok
+                if use_cache:
+                    fresh.append((keys[i], vectors[i].copy()))
+            if fresh:
+                self.cache.put_many(fresh)
+        return EmbedOutcome(name, vectors, cached, tokens)
+
+
+def _reduce(vec: np.ndarray, dims: int, normalize: bool) -> np.ndarray:
+    """Matryoshka-style reduction (as OpenAI's `dimensions`): keep the leading dims, renormalise."""
+    out = np.asarray(vec[:dims], dtype=np.float32)
+    if normalize:
+        norm = float(np.linalg.norm(out))
+        if norm > 0:
+            out = out / norm
+    return out
+

@@ -1,0 +1,88 @@
+"""/health family and /metrics. Reads only in-memory state: a probe never waits on a dependency."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from citadeld import __version__
+from citadeld.http.body import json_response
+from citadeld.state import STATE, DaemonState
+
+
+def model_status(state: DaemonState) -> dict[str, bool]:
+    return {name: pool.can_embed() for name, pool in state.pools.items()}
+
+
+def is_ready(state: DaemonState) -> bool:
+    return not state.draining and all(model_status(state).values())
+
+
+def summary(state: DaemonState) -> dict[str, Any]:
+    models = model_status(state)
+    cache = state.health.get("cache")
+    if all(models.values()) and (cache is None or cache["status"] == "ok"):
+        status = "ok"
+    elif any(models.values()):
+        status = "degraded"
+    else:
+        status = "down"
+    return {
+        "status": status,
+        "ready": is_ready(state),
+        "draining": state.draining,
+        "version": __version__,
+        "models": {k: "ok" if v else "down" for k, v in models.items()},
+        "cache": cache["status"] if cache else "unknown",
+    }
+
+
+async def health(request: web.Request) -> web.Response:
+    body = summary(request.app[STATE])
+    return json_response(body, status=503 if body["status"] == "down" else 200)
+
+
+async def live(request: web.Request) -> web.Response:
+    return json_response({"status": "alive"})
+
+
+async def ready(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    ok = is_ready(state)
+    return json_response(
+        {"ready": ok, "draining": state.draining, "models": model_status(state)},
+        status=200 if ok else 503,
+    )
+
+
+async def detailed(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    body = summary(state)
+    body["uptime_s"] = round(time.time() - state.started_at, 3)
+    body["dependencies"] = state.health.all()
+    body["pools"] = {name: pool.snapshot() for name, pool in state.pools.items()}
+    body["cache_stats"] = state.cache.stats()
+    body["actors"] = state.supervisor.snapshot() if state.supervisor is not None else []
+    lag = state.extra.get("loop_lag")
+    if lag is not None:
+        body["event_loop_lag_ms"] = lag.snapshot()
+    return json_response(body)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    data = request.app[STATE].metrics.exposition()
+    resp = web.Response(body=data)
+    resp.content_type = CONTENT_TYPE_LATEST.split(";")[0]
+    resp.charset = "utf-8"
+    return resp
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/health", health)
+    app.router.add_get("/health/live", live)
+    app.router.add_get("/health/ready", ready)
+    app.router.add_get("/health/detailed", detailed)
+    app.router.add_get("/metrics", metrics)
