@@ -17,6 +17,7 @@ from types import TracebackType
 from typing import Any
 
 from citadeld.actors.backends.base import BatchResult, EmbeddingBackend
+from citadeld.bridge import reject, resolve
 from citadeld.errors import BackendError
 from citadeld.supervision import ChildLink, SupervisedActor
 
@@ -43,20 +44,6 @@ class Probe:
 @dataclass(frozen=True)
 class Warm:
     """Best-effort model load upstream; failures are logged, never raised."""
-
-
-def settle(
-    fut: concurrent.futures.Future[Any], result: Any = None, exc: BaseException | None = None
-) -> bool:
-    """Resolve `fut` unless it is already done or its caller cancelled it; True if we did."""
-    try:
-        if exc is not None:
-            fut.set_exception(exc)
-        else:
-            fut.set_result(result)
-    except concurrent.futures.InvalidStateError:
-        return False
-    return True
 
 
 def claim(fut: concurrent.futures.Future[Any]) -> bool:
@@ -129,9 +116,9 @@ class EmbedderActor(SupervisedActor):
                 exc.message,
                 exc.kind,
             )
-            settle(msg.reply, exc=exc)
+            reject(msg.reply, exc)
         except Exception as exc:
-            settle(msg.reply, exc=exc)
+            reject(msg.reply, exc)
             raise  # a bug: crash, so the supervisor restarts us with a fresh backend
         else:
             log.debug(
@@ -142,7 +129,7 @@ class EmbedderActor(SupervisedActor):
                 len(result.errors),
             )
             result.backend_s = time.monotonic() - started
-            settle(msg.reply, result)
+            resolve(msg.reply, result)
 
     def _probe(self, msg: Probe) -> None:
         self.current_work = msg
@@ -151,12 +138,12 @@ class EmbedderActor(SupervisedActor):
         try:
             self._backend().probe()
         except BackendError as exc:
-            settle(msg.reply, exc=exc)
+            reject(msg.reply, exc)
         except Exception as exc:
-            settle(msg.reply, exc=exc)
+            reject(msg.reply, exc)
             raise
         else:
-            settle(msg.reply, None)
+            resolve(msg.reply, None)
 
     def _warm(self) -> None:
         backend = self.backend
@@ -173,9 +160,9 @@ class EmbedderActor(SupervisedActor):
         work = self.current_work
         if isinstance(work, EmbedBatch | Probe):
             endpoint = self.backend.name if self.backend is not None else None
-            settle(
+            reject(
                 work.reply,
-                exc=BackendError(f"embedder actor died: {exc!r}", kind="died", endpoint=endpoint),
+                BackendError(f"embedder actor died: {exc!r}", kind="died", endpoint=endpoint),
             )
 
     def on_failure(
