@@ -238,3 +238,33 @@ def test_logs_are_json_lines_with_request_ids(daemon: DaemonProc) -> None:
     time.sleep(0.2)
     records = [json.loads(line) for line in daemon.logs().splitlines() if line.startswith("{")]
     assert any(r.get("request_id") == rid and r.get("path") == "/api/v1/embed" for r in records)
+
+
+def test_work_of_disconnected_clients_is_dropped(daemon: DaemonProc, flaky_fake: Fake) -> None:
+    """A caller that hangs up while its input waits for a batch costs no backend call."""
+    import threading
+
+    flaky_fake.reset()
+    flaky_fake.fault(route="/api/embed", latency_ms=1200)
+    done: dict[str, int] = {}
+
+    def busy() -> None:  # occupies the model's only slot
+        r = httpx.post(daemon.url + "/api/v1/embed", timeout=20,
+                       json={"text": "keeps the slot busy", "model": "flaky", "cache": False})
+        done["status"] = r.status_code
+
+    try:
+        t = threading.Thread(target=busy)
+        t.start()
+        time.sleep(0.3)
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(daemon.url + "/api/v1/embed", timeout=0.3,
+                       json={"text": "nobody waits for me", "model": "flaky", "cache": False})
+        t.join(20)
+        assert done.get("status") == 200
+        time.sleep(0.5)
+        assert flaky_fake.stats()["calls"].get("/api/embed") == 1
+        text = httpx.get(daemon.url + "/metrics").text
+        assert 'citadel_embed_items_total{model="flaky",outcome="abandoned"}' in text
+    finally:
+        flaky_fake.reset()
