@@ -235,9 +235,14 @@ def test_logs_are_json_lines_with_request_ids(daemon: DaemonProc) -> None:
     rid = "e2e-log-check-1"
     httpx.post(daemon.url + "/api/v1/embed", json={"text": "log me"},
                headers={"X-Request-ID": rid})
-    time.sleep(0.2)
-    records = [json.loads(line) for line in daemon.logs().splitlines() if line.startswith("{")]
-    assert any(r.get("request_id") == rid and r.get("path") == "/api/v1/embed" for r in records)
+    deadline = time.monotonic() + 5  # lines are flushed in batches, at least twice a second
+    while True:
+        records = [json.loads(x) for x in daemon.logs().splitlines() if x.startswith("{")]
+        if any(r.get("request_id") == rid and r.get("path") == "/api/v1/embed"
+               for r in records):
+            break
+        assert time.monotonic() < deadline, "access line with the request id never appeared"
+        time.sleep(0.1)
 
 
 def test_work_of_disconnected_clients_is_dropped(daemon: DaemonProc, flaky_fake: Fake) -> None:
