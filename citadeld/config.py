@@ -14,6 +14,14 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from citadeld.llm.config import LLMConfig
+from citadeld.storage.config import (
+    PersistenceConfig,
+    VectorsConfig,
+    check_collection_models,
+    redact_storage,
+)
+
 ENV_PREFIX = "CITADEL_"
 EX_CONFIG = 78
 
@@ -158,6 +166,23 @@ class SupervisionConfig(_Strict):
     ping_timeout_s: float = Field(2.0, gt=0)
 
 
+class AdminConfig(_Strict):
+    enabled: bool = True
+    socket: str | None = None  # default: $RUNTIME_DIRECTORY/admin.sock (see citadeld.admin.paths)
+    mode: str = Field("0660", pattern=r"^0?[0-7]{3}$")  # octal; peers are checked as well
+    group: str | None = None  # chgrp the socket to this group (default: the daemon's own)
+    timeout_s: float = Field(30.0, gt=0)  # per command, unless the command sets its own
+
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _mode(cls, v: object) -> object:
+        return f"{v:o}" if isinstance(v, int) else v  # YAML 1.1 reads unquoted 0660 as octal
+
+
+class WatchdogConfig(_Strict):
+    max_loop_lag_s: float | None = Field(None, gt=0)  # default: a third of WatchdogSec, >= 1 s
+
+
 class Config(_Strict):
     server: ServerConfig = ServerConfig()
     logging: LoggingConfig = LoggingConfig()
@@ -165,6 +190,18 @@ class Config(_Strict):
     cache: CacheConfig = CacheConfig()
     embedding: EmbeddingConfig = EmbeddingConfig()
     supervision: SupervisionConfig = SupervisionConfig()
+    llm: LLMConfig = LLMConfig()
+    admin: AdminConfig = AdminConfig()
+    watchdog: WatchdogConfig = WatchdogConfig()
+    vectors: VectorsConfig = VectorsConfig()
+    persistence: PersistenceConfig = PersistenceConfig()
+
+    @model_validator(mode="after")
+    def _vector_models(self) -> Config:
+        m = self.embedding.models
+        check_collection_models(self.vectors, set(m), {a: n for n, c in m.items()
+                                                       for a in c.aliases})
+        return self
 
 
 def default_state_dir() -> str:
@@ -270,6 +307,10 @@ def redact(cfg: Config) -> dict[str, Any]:
         for ep in model["endpoints"]:
             if ep.get("api_key"):
                 ep["api_key"] = "***"
+    for server in out["llm"]["servers"]:
+        if server.get("api_key"):
+            server["api_key"] = "***"
+    redact_storage(out)
     url = out["cache"].get("redis_url")
     if url and "@" in url:
         scheme, _, rest = url.partition("://")

@@ -20,6 +20,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["migrate"]:  # `citadeld migrate [--dry-run]`: schema migrations by hand
+        from citadeld.migrate import main as migrate_main
+        return migrate_main(argv[1:])
     args = _parser().parse_args(argv)
     overrides = {}
     if args.listen:
@@ -44,8 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a hard dependency; stay runnable anyway
-        return asyncio.run(Daemon(cfg).run())
-    return uvloop.run(Daemon(cfg).run())
+        return asyncio.run(Daemon(cfg, args.config, overrides).run())
+    return uvloop.run(Daemon(cfg, args.config, overrides).run())
 
 
 if __name__ == "__main__":

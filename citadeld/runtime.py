@@ -25,14 +25,17 @@ from citadeld.actors.backends.base import EmbeddingBackend
 from citadeld.actors.cache import EmbeddingCache, RedisCache, build_cache
 from citadeld.actors.embedder import EmbedderActor
 from citadeld.actors.embedder_pool import EmbedderPool, pool_endpoints
+from citadeld.admin.lifecycle import Lifecycle
 from citadeld.config import Config, EndpointConfig, ModelConfig
 from citadeld.embedding import EmbeddingService
 from citadeld.errors import Unavailable
 from citadeld.health import HealthActor, HealthState, endpoint_probes
 from citadeld.http.app import build_app
+from citadeld.llm.wiring import build_llm
 from citadeld.looplag import LoopLag
 from citadeld.metrics import Metrics
 from citadeld.state import DaemonState
+from citadeld.storage.wiring import Storage
 from citadeld.supervision import ChildLink, ChildSpec, Supervisor
 
 log = logging.getLogger("citadeld")
@@ -70,8 +73,10 @@ def _slot_endpoints(mcfg: ModelConfig) -> list[EndpointConfig | None]:
 
 
 class Daemon:
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, config_path: str | None = None,
+                 config_overrides: dict[str, Any] | None = None) -> None:
         self.cfg = cfg
+        self.config_path, self.config_overrides = config_path, config_overrides  # for reload
         self.exit_code = 0
         self._stop = asyncio.Event()
         self._signals = 0
@@ -131,12 +136,17 @@ class Daemon:
             pools[name] = pool
             children.append(self._model_supervisor(name, mcfg, pool).as_child_spec())
         health = HealthState()
+        llm = build_llm(cfg, metrics, health)  # None without llm.servers
+        if llm is not None and llm.child_spec is not None:
+            children.append(llm.child_spec)
         probes = endpoint_probes(cfg)
         if probes:
             children.append(ChildSpec(
                 name="health",
                 start=lambda link: HealthActor.start(probes, health, metrics, link=link),
             ))
+        storage = Storage(cfg, metrics, health)  # VectorActor, PersistenceActor (issue 4)
+        children.extend(storage.child_specs())
         sc = cfg.supervision
         self.supervisor = Supervisor(
             "root", children,
@@ -147,8 +157,9 @@ class Daemon:
         service = EmbeddingService(cfg.embedding, pools, cache, metrics)
         self.state = DaemonState(
             config=cfg, metrics=metrics, embedding=service, pools=pools, cache=cache,
-            health=health, supervisor=self.supervisor,
+            health=health, supervisor=self.supervisor, llm=llm, storage=storage,
         )
+        storage.attach(service)
         return self.state
 
     # ---- run -------------------------------------------------------------------------------
@@ -173,15 +184,26 @@ class Daemon:
             return EX_UNAVAILABLE
         log.info("listening", extra={"listen": self.cfg.server.listen,
                                      "version": __version__, "pid": os.getpid()})
-        self.supervisor.start()
+        self.lifecycle = Lifecycle(self, state, runner)  # admin socket, sd_notify, reload
+        if not await self.lifecycle.start():
+            await runner.cleanup()
+            return EX_UNAVAILABLE
+        started = self.supervisor.start()
+        assert state.storage is not None
+        state.storage.start()
         lag = LoopLag(self.metrics)
         lag.start()
         state.extra["loop_lag"] = lag
-        tasks = [loop.create_task(self._watch_cache(state))]
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
+        loop.add_signal_handler(signal.SIGHUP, self.lifecycle.on_sighup)
+        await self.lifecycle.ready(started)  # READY=1, watchdog; the tree's children are wired
+        # only now: probing the cache before the supervisor wired its actor would start a stray
+        # actor, whose replacement trips the cache's circuit for a second
+        tasks = [loop.create_task(self._watch_cache(state))]
         await self._stop.wait()
 
+        self.lifecycle.stopping()  # STOPPING=1
         log.info("draining", extra={"timeout_s": self.cfg.server.drain_timeout_s})
         state.draining = True
         t0 = time.monotonic()
@@ -191,10 +213,13 @@ class Daemon:
         for t in tasks:
             t.cancel()
         await lag.stop()
+        if state.storage is not None:
+            await state.storage.close()  # flush buffered rows, stop the replayer
         stopping = self.supervisor.stop()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(asyncio.wrap_future(stopping), 15)
         await state.cache.close()
+        await self.lifecycle.stop()
         log.info("stopped", extra={"drain_s": round(time.monotonic() - t0, 3),
                                    "exit_code": self.exit_code})
         return self.exit_code

@@ -14,7 +14,9 @@ if TYPE_CHECKING:
     from citadeld.config import Config
     from citadeld.embedding import EmbeddingService
     from citadeld.health import HealthState
+    from citadeld.llm.router import LLMRouter
     from citadeld.metrics import Metrics
+    from citadeld.storage.wiring import Storage
     from citadeld.supervision import Supervisor
 
 
@@ -30,6 +32,8 @@ class DaemonState:
     started_at: float = field(default_factory=time.time)
     draining: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    llm: LLMRouter | None = None  # None when no LLM servers are configured
+    storage: Storage | None = None  # vector store + persistence (issue 4)
 
 
 STATE: web.AppKey[DaemonState] = web.AppKey("citadel_state", DaemonState)

@@ -223,9 +223,34 @@ class Supervisor:
                 {"name": c.spec.name} | {k: getattr(c, k) for k in keys} for c in self._children
             ]
         for row, child in zip(rows, self._children, strict=True):
+            inbox: Any = child.ref.actor_inbox if child.ref is not None else None
+            row["mailbox"] = inbox.qsize() if inbox is not None else None
             if child.spec.nested is not None:
                 row["children"] = child.spec.nested.snapshot()
         return rows
+
+    def probe(self) -> Future[None]:
+        """Resolves once this supervisor's thread, and those of nested ones, ran a no-op job:
+        the systemd watchdog's proof that supervision is not wedged."""
+        fut: Future[None] = Future()
+
+        def job() -> None:
+            nested = [c.spec.nested.probe() for c in self._children if c.spec.nested]
+            pending, lock = [len(nested)], threading.Lock()
+
+            def one_done(_: Future[None]) -> None:
+                with lock:  # callbacks run in the nested supervisors' threads
+                    pending[0] -= 1
+                    if pending[0] == 0:
+                        fut.set_result(None)
+
+            if not nested:
+                fut.set_result(None)
+            for f in nested:
+                f.add_done_callback(one_done)
+
+        self._submit(job)
+        return fut
 
     def as_child_spec(
         self,

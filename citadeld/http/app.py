@@ -13,7 +13,13 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from citadeld.errors import CitadelError, Unavailable, UpstreamTimeout
-from citadeld.http import docs_routes, embed_routes, health_routes
+from citadeld.http import (
+    docs_routes,
+    embed_routes,
+    health_routes,
+    llm_routes,
+    vector_routes,
+)
 from citadeld.http.errors import dialect_of, error_response
 from citadeld.logs import request_id
 from citadeld.state import STATE, DaemonState
@@ -52,8 +58,10 @@ async def core_middleware(request: web.Request, handler: Handler) -> web.StreamR
     try:
         if state.draining and not request.path.startswith(_ALWAYS_OPEN):
             raise Unavailable("daemon is draining; retry on another instance", retry_after=5)
+        # routes marked own_deadline (LLM streams) bound their own time; this would cut them
+        own = getattr(request.match_info.handler, "own_deadline", False)
         try:
-            async with asyncio.timeout(state.config.server.request_timeout_s):
+            async with asyncio.timeout(None if own else state.config.server.request_timeout_s):
                 resp = await handler(request)
         except TimeoutError:
             raise UpstreamTimeout("request timed out") from None
@@ -102,6 +110,8 @@ def build_app(state: DaemonState) -> web.Application:
     )
     app[STATE] = state
     embed_routes.add_routes(app)
+    llm_routes.add_routes(app)
+    vector_routes.add_routes(app)
     health_routes.add_routes(app)
     docs_routes.add_routes(app)
     return app

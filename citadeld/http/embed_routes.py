@@ -13,6 +13,7 @@ from citadeld import __version__
 from citadeld.errors import BadRequest
 from citadeld.http import schemas
 from citadeld.http.body import compile_schema, json_response, read_json
+from citadeld.http.llm_routes import llm_model_ids
 from citadeld.logs import request_id
 from citadeld.state import STATE
 
@@ -85,6 +86,8 @@ async def openai_models(request: web.Request) -> web.Response:
         {"id": name, "object": "model", "created": created, "owned_by": "citadel"}
         for name in state.config.embedding.models
     ]
+    data += [{"id": name, "object": "model", "created": created, "owned_by": "citadel-llm"}
+             for name in llm_model_ids(state) if name not in state.config.embedding.models]
     return json_response({"object": "list", "data": data})
 
 
@@ -139,6 +142,10 @@ async def ollama_tags(request: web.Request) -> web.Response:
                 "quantization_level": "",
             },
         })
+    for name in llm_model_ids(state):  # LLM models the router serves
+        tag = name if ":" in name else f"{name}:latest"
+        models.append({"name": tag, "model": tag, "modified_at": modified, "size": 0,
+                       "digest": "", "details": {"format": "gguf", "family": "llm"}})
     return json_response({"models": models})
 
 

@@ -30,6 +30,9 @@ def summary(state: DaemonState) -> dict[str, Any]:
         status = "degraded"
     else:
         status = "down"
+    storage = getattr(state, "storage", None)  # vectors/persistence: ok|down|disabled
+    if storage is not None and status == "ok" and storage.degraded():
+        status = "degraded"
     return {
         "status": status,
         "ready": is_ready(state),
@@ -37,6 +40,7 @@ def summary(state: DaemonState) -> dict[str, Any]:
         "version": __version__,
         "models": {k: "ok" if v else "down" for k, v in models.items()},
         "cache": cache["status"] if cache else "unknown",
+        **(storage.summary() if storage is not None else {}),
     }
 
 
@@ -66,6 +70,12 @@ async def detailed(request: web.Request) -> web.Response:
     body["pools"] = {name: pool.snapshot() for name, pool in state.pools.items()}
     body["cache_stats"] = state.cache.stats()
     body["actors"] = state.supervisor.snapshot() if state.supervisor is not None else []
+    storage = getattr(state, "storage", None)
+    if storage is not None:  # Qdrant, PostgreSQL, outbox, buffers
+        body["storage"] = storage.detailed()
+    llm = getattr(state, "llm", None)
+    if llm is not None:  # LLM servers: breakers, probes, load
+        body["llm"] = llm.snapshot()
     lag = state.extra.get("loop_lag")
     if lag is not None:
         body["event_loop_lag_ms"] = lag.snapshot()

@@ -31,6 +31,10 @@ class DaemonProc:
         config.setdefault("server", {})
         config["server"] = {**config["server"], "listen": f"127.0.0.1:{self.port}"}
         config.setdefault("state_dir", str(workdir / "state"))
+        # one admin socket per daemon: the default (/run/citadel as root) is shared by all
+        config["admin"] = {"socket": str(workdir / f"admin-{self.port}.sock"),
+                           **config.get("admin", {})}
+        self.admin_socket = str(config["admin"]["socket"])
         workdir.mkdir(parents=True, exist_ok=True)
         self.config_path = workdir / f"citadel-{self.port}.yaml"
         self.config_path.write_text(yaml.safe_dump(config))
@@ -65,7 +69,11 @@ class DaemonProc:
         except OSError:
             return ""
 
-    def logs(self) -> str:
+    def logs(self, settle: float = 1.0) -> str:
+        """The log so far. A running daemon flushes info lines at least every 0.5 s, so wait
+        `settle` seconds first for lines of what just happened."""
+        if settle and self.proc is not None and self.proc.poll() is None:
+            time.sleep(settle)
         return self.log_path.read_text(errors="replace")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:

@@ -18,7 +18,15 @@ from openapi_spec_validator import OpenAPIV30SpecValidator, OpenAPIV31SpecValida
 
 from citadeld import __version__
 from citadeld.config import Config
-from citadeld.http import docs_routes, embed_routes, health_routes, schemas
+from citadeld.http import (
+    docs_routes,
+    embed_routes,
+    health_routes,
+    llm_routes,
+    schemas,
+    vector_routes,
+    vector_schemas,
+)
 from citadeld.http.app import build_app
 from citadeld.http.openapi import build_openapi, downgrade_to_30
 from citadeld.state import STATE
@@ -42,7 +50,13 @@ EXPECTED_ROUTES = {
     ("GET", "/metrics"),
     ("GET", "/openapi.json"),
     ("GET", "/docs"),
-}
+    ("POST", "/api/v1/llm/generate"),
+    ("GET", "/api/v1/llm/servers"),
+    ("GET", "/api/v1/llm/usage"),
+    ("POST", "/v1/chat/completions"),
+    ("POST", "/api/chat"),
+    ("POST", "/api/generate"),
+} | vector_schemas.ROUTES
 ERROR_SCHEMA = {"native": "NativeError", "openai": "OpenAIError", "ollama": "OllamaError"}
 EMBED_ERRORS = {"400", "404", "413", "429", "502", "503", "504"}
 ANNOTATIONS = {"description", "examples", "title"}
@@ -124,6 +138,8 @@ def test_spec_covers_the_hard_coded_route_list(doc: dict[str, Any]) -> None:
 def test_hard_coded_list_equals_routes_the_modules_register() -> None:
     app = web.Application()
     embed_routes.add_routes(app)
+    llm_routes.add_routes(app)
+    vector_routes.add_routes(app)
     health_routes.add_routes(app)
     docs_routes.add_routes(app)
     assert _served(app) == EXPECTED_ROUTES

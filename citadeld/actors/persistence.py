@@ -1,0 +1,724 @@
+"""PostgreSQL: a supervised PersistenceActor (aiopg pool on the actor's private loop) and the
+loop-side Persistence facade.
+
+The actor handles one message at a time on its own event loop, so the front's loop never waits
+on PostgreSQL; schema migrations run on the first successful connection (never in ``on_start``,
+so a PostgreSQL outage at start-up does not fail the daemon). The facade
+
+* buffers audit, health-history and task rows in memory and writes them in batches; during an
+  outage the buffer is bounded: past ``buffer_max_rows`` the oldest rows spill to a local file
+  (``SpillFile``), past ``spill_max_bytes`` they are dropped and counted - never silently;
+* offers the vector outbox (append, fetch, mark done, status) to the durability logic;
+* prunes old rows in bounded chunks (retention), probes PostgreSQL for /health and metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import math
+import os
+import socket
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pykka
+
+from citadeld.bridge import reject, resolve
+from citadeld.health import HealthState
+from citadeld.storage import migrations
+from citadeld.storage.config import PersistenceConfig
+from citadeld.storage.metrics import StorageMetrics
+from citadeld.storage.spill import Row, SpillFile
+from citadeld.supervision import ChildLink, ChildSpec, SupervisedActor
+
+log = logging.getLogger("citadeld.persistence")
+
+
+class PersistenceUnavailable(Exception):
+    """PostgreSQL could not be reached, dropped the connection or did not answer in time."""
+
+
+class PersistenceError(Exception):
+    """PostgreSQL refused a statement (a bug or bad data, not an outage)."""
+
+
+# kind -> (table, columns, VALUES template); "at" is epoch seconds, json columns are Json()
+_ROW_TABLES: dict[str, tuple[str, tuple[str, ...], str]] = {
+    "audit": ("citadel_audit_log",
+              ("at", "instance", "action", "target", "request_id", "status", "detail"),
+              "(to_timestamp(%s), %s, %s, %s, %s, %s, %s)"),
+    "health": ("citadel_health_history",
+               ("at", "instance", "dependency", "status", "latency_ms", "error"),
+               "(to_timestamp(%s), %s, %s, %s, %s, %s)"),
+    "task": ("citadel_task_log",
+             ("at", "instance", "task_id", "kind", "status", "duration_ms", "error", "detail"),
+             "(to_timestamp(%s), %s, %s, %s, %s, %s, %s, %s)"),
+}
+_JSON_COLUMNS = frozenset({"detail"})
+
+# table -> (time column, extra condition) for retention
+PRUNE: dict[str, tuple[str, str, str]] = {
+    "audit_days": ("citadel_audit_log", "at", "TRUE"),
+    "health_days": ("citadel_health_history", "at", "TRUE"),
+    "task_log_days": ("citadel_task_log", "at", "TRUE"),
+    "outbox_days": ("citadel_vector_outbox", "done_at", "status <> 'pending'"),
+    "workflow_days": ("citadel_workflow_state", "finished_at", "finished_at IS NOT NULL"),
+}
+
+
+@dataclass(slots=True)
+class _Msg:
+    op: str
+    future: concurrent.futures.Future[Any]
+    arg: Any = None
+    deadline: float = math.inf
+
+
+@dataclass(slots=True)
+class OutboxRow:
+    seq: int
+    body: dict[str, Any]
+    created_at: float
+
+
+def _is_outage(exc: BaseException) -> bool:
+    import psycopg2
+
+    return isinstance(exc, psycopg2.OperationalError | psycopg2.InterfaceError | TimeoutError
+                      | OSError | ConnectionError)
+
+
+class PersistenceActor(SupervisedActor):
+    def __init__(self, *, cfg: PersistenceConfig, instance: str, link: ChildLink | None = None
+                 ) -> None:
+        super().__init__(link=link)
+        self.cfg = cfg
+        self.instance = instance
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.pool: Any = None
+        self.schema_version: int | None = None
+
+    def on_start_supervised(self) -> None:
+        self.loop = asyncio.new_event_loop()  # private: never the front's loop
+
+    def on_receive_supervised(self, message: Any) -> Any:
+        if not isinstance(message, _Msg):
+            return super().on_receive_supervised(message)
+        fut = message.future
+        if fut.done() or (not fut.running() and not fut.set_running_or_notify_cancel()):
+            return None
+        if time.monotonic() > message.deadline:
+            reject(fut, PersistenceUnavailable("stale request: its caller has given up"))
+            return None
+        self.current_work = message
+        assert self.loop is not None
+        handler = getattr(self, f"_op_{message.op}")
+        budget = max(0.1, min(message.deadline - time.monotonic(), 3600.0))
+        try:
+            result = self.loop.run_until_complete(
+                asyncio.wait_for(self._run(handler, message.arg), budget))
+            resolve(fut, result)
+        except Exception as exc:
+            if _is_outage(exc):
+                reject(fut, PersistenceUnavailable(f"{type(exc).__name__}: {exc}".strip()))
+            else:
+                log.error("PostgreSQL refused %s: %r", message.op, exc)
+                reject(fut, PersistenceError(f"{type(exc).__name__}: {exc}"))
+        return None
+
+    async def _run(self, handler: Callable[[Any], Awaitable[Any]], arg: Any) -> Any:
+        """Run ``handler``; a connection lost at the start of its work is retried once on a
+        fresh connection (every operation here is idempotent or harmless to repeat)."""
+        try:
+            await self._ready()
+            return await handler(arg)
+        except Exception as exc:
+            if not _is_outage(exc) or isinstance(exc, TimeoutError):
+                raise
+            await self._reset_pool()
+            await self._ready()
+            return await handler(arg)
+
+    async def _ready(self) -> None:
+        if self.pool is None:
+            import aiopg
+
+            self.pool = await aiopg.create_pool(
+                self.cfg.dsn, minsize=self.cfg.pool_min, maxsize=self.cfg.pool_max,
+                timeout=self.cfg.timeout_s, enable_hstore=False, enable_uuid=False,
+                connect_timeout=max(1, math.ceil(self.cfg.connect_timeout_s)),
+                application_name=f"citadeld:{self.instance}"[:63], pool_recycle=300)
+        if self.schema_version is None:
+            async with self.pool.acquire() as conn:
+                applied = await migrations.migrate(conn)
+            if applied:
+                log.info("schema migrated", extra={"versions": [m.version for m in applied]})
+            self.schema_version = migrations.latest_version()
+
+    async def _reset_pool(self) -> None:
+        pool, self.pool = self.pool, None
+        if pool is not None:
+            pool.terminate()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(pool.wait_closed(), 2)
+
+    def fail_in_hand(self, exc: BaseException) -> None:
+        work, self.current_work = self.current_work, None
+        if isinstance(work, _Msg):
+            reject(work.future, exc)
+        others = []
+        while not self.actor_inbox.empty():
+            envelope = self.actor_inbox.get()
+            if isinstance(envelope.message, _Msg):
+                reject(envelope.message.future, exc)
+            else:
+                others.append(envelope)
+        for envelope in others:
+            self.actor_inbox.put(envelope)
+        loop, self.loop = self.loop, None
+        if loop is not None and not loop.is_closed():
+            if self.pool is not None:
+                with contextlib.suppress(Exception):
+                    loop.run_until_complete(self._reset_pool())
+            loop.close()
+
+    def on_stop(self) -> None:
+        self.fail_in_hand(pykka.ActorDeadError("persistence actor stopped"))
+        super().on_stop()
+
+    # -- operations (actor thread, private loop) --
+
+    async def _op_ping(self, _: Any) -> dict[str, Any]:
+        async with self.pool.acquire() as conn, conn.cursor() as cur:
+            await cur.execute("SELECT 1")
+            await cur.fetchone()
+        return {"size": self.pool.size, "free": self.pool.freesize,
+                "max": self.pool.maxsize, "schema_version": self.schema_version}
+
+    async def _op_rows(self, rows: list[Row]) -> dict[str, int]:
+        import psycopg2.extras
+
+        by_kind: dict[str, list[dict[str, Any]]] = {}
+        for kind, row in rows:
+            if kind in _ROW_TABLES:
+                by_kind.setdefault(kind, []).append(row)
+        counts: dict[str, int] = {}
+        async with self.pool.acquire() as conn, conn.cursor() as cur:
+            await cur.execute("BEGIN")
+            try:
+                for kind, items in by_kind.items():
+                    table, cols, template = _ROW_TABLES[kind]
+                    values = []
+                    for row in items:
+                        args = []
+                        for c in cols:
+                            v = self.instance if c == "instance" and not row.get(c) else row.get(c)
+                            if c in _JSON_COLUMNS:
+                                v = psycopg2.extras.Json(v or {}, dumps=_json_dumps)
+                            args.append(v)
+                        values.append(cur.mogrify(template, args).decode())
+                    await cur.execute(
+                        f"INSERT INTO {table} ({', '.join(cols)}) VALUES {', '.join(values)}")
+                    counts[table] = len(items)
+                await cur.execute("COMMIT")
+            except BaseException:
+                if not conn.closed:
+                    with contextlib.suppress(Exception):
+                        await cur.execute("ROLLBACK")
+                raise
+        return counts
+
+    async def _op_outbox_append(self, arg: tuple[list[dict[str, Any]], str | None]) -> list[int]:
+        items, request_id = arg
+        async with self.pool.acquire() as conn, conn.cursor() as cur:
+            values = [
+                cur.mogrify("(%s, %s, %s, %s, %s::jsonb, %s)", (
+                    self.instance, b["collection"], b["kind"], len(b["points"]),
+                    _json_dumps(b), request_id)).decode()
+                for b in items
+            ]
+            # one statement: atomic, and RETURNING gives the seqs in VALUES order
+            await cur.execute(
+                "INSERT INTO citadel_vector_outbox (origin, collection, kind, items, body,"
+                f" request_id) VALUES {', '.join(values)} RETURNING seq")
+            return [int(r[0]) for r in await cur.fetchall()]
+
+    async def _op_outbox_fetch(self, limit: int) -> list[OutboxRow]:
+        async with self.pool.acquire() as conn, conn.cursor() as cur:
+            await cur.execute(
+                "SELECT seq, body, extract(epoch FROM created_at) FROM citadel_vector_outbox"
+                " WHERE origin = %s AND status = 'pending' ORDER BY seq LIMIT %s",
+                (self.instance, limit))
+            rows = await cur.fetchall()
+        return [OutboxRow(int(s), b if isinstance(b, dict) else orjson.loads(b), float(t))
+                for s, b, t in rows]
+
+    async def _op_outbox_done(self, arg: tuple[list[int], dict[int, str]]) -> int:
+        applied, failed = arg
+        n = 0
+        async with self.pool.acquire() as conn, conn.cursor() as cur:
+            if applied:
+                await cur.execute(
+                    "UPDATE citadel_vector_outbox SET status = 'applied', done_at = now(),"
+                    " attempts = attempts + 1 WHERE seq = ANY(%s) AND status = 'pending'",
+                    (applied,))
+                n += cur.rowcount
+            for seq, error in failed.items():
+                await cur.execute(
+                    "UPDATE citadel_vector_outbox SET status = 'failed', done_at = now(),"
+                    " attempts = attempts + 1, last_error = %s"
+                    " WHERE seq = %s AND status = 'pending'", (error[:2000], seq))
+                n += cur.rowcount
+        return n
+
+    async def _op_outbox_stats(self, collection: str | None) -> tuple[int, float | None]:
+        async with self.pool.acquire() as conn, conn.cursor() as cur:
+            if collection is None:
+                await cur.execute(
+                    "SELECT count(*), extract(epoch FROM min(created_at))"
+                    " FROM citadel_vector_outbox WHERE origin = %s AND status = 'pending'",
+                    (self.instance,))
+            else:
+                await cur.execute(
+                    "SELECT count(*), extract(epoch FROM min(created_at))"
+                    " FROM citadel_vector_outbox WHERE origin = %s AND status = 'pending'"
+                    " AND collection = %s", (self.instance, collection))
+            count, oldest = await cur.fetchone()
+        return int(count), (float(oldest) if oldest is not None else None)
+
+    async def _op_outbox_status(self, seq: int) -> dict[str, Any] | None:
+        async with self.pool.acquire() as conn, conn.cursor() as cur:
+            await cur.execute(
+                "SELECT seq, collection, kind, items, status, attempts, last_error,"
+                " extract(epoch FROM created_at), extract(epoch FROM done_at), request_id"
+                " FROM citadel_vector_outbox WHERE seq = %s", (seq,))
+            row = await cur.fetchone()
+        if row is None:
+            return None
+        keys = ("operation", "collection", "kind", "items", "status", "attempts", "error",
+                "created_at", "done_at", "request_id")
+        out = dict(zip(keys, row, strict=True))
+        for k in ("created_at", "done_at"):
+            out[k] = float(out[k]) if out[k] is not None else None
+        out["status"] = "queued" if out["status"] == "pending" else out["status"]
+        return out
+
+    async def _op_prune(self, arg: tuple[str, str, str, float, int]) -> int:
+        table, column, cond, days, chunk = arg
+        async with self.pool.acquire() as conn, conn.cursor() as cur:
+            await cur.execute(
+                f"DELETE FROM {table} WHERE ctid = ANY(ARRAY(SELECT ctid FROM {table}"
+                f" WHERE {cond} AND {column} < now() - make_interval(secs => %s) LIMIT %s))",
+                (days * 86400.0, chunk))
+            return int(cur.rowcount)
+
+    async def _op_workflow_put(self, arg: dict[str, Any]) -> int:
+        """Insert or update a workflow's state; with ``expected_version`` the update only
+        happens at that version (optimistic concurrency). Returns the new version or -1."""
+        finished = arg["status"] in ("succeeded", "failed", "cancelled")
+        params = (arg["workflow_id"], arg["kind"], arg["status"], _json_dumps(arg["state"]),
+                  finished)
+        async with self.pool.acquire() as conn, conn.cursor() as cur:
+            expected = arg.get("expected_version")
+            if expected is None:
+                await cur.execute(
+                    "INSERT INTO citadel_workflow_state AS w (workflow_id, kind, status, state,"
+                    " finished_at) VALUES (%s, %s, %s, %s::jsonb,"
+                    " CASE WHEN %s THEN now() END)"
+                    " ON CONFLICT (workflow_id) DO UPDATE SET kind = EXCLUDED.kind,"
+                    " status = EXCLUDED.status, state = EXCLUDED.state,"
+                    " finished_at = EXCLUDED.finished_at, version = w.version + 1,"
+                    " updated_at = now() RETURNING version", params)
+            else:
+                await cur.execute(
+                    "UPDATE citadel_workflow_state SET kind = %s, status = %s, state = %s::jsonb,"
+                    " finished_at = CASE WHEN %s THEN now() END, version = version + 1,"
+                    " updated_at = now() WHERE workflow_id = %s AND version = %s"
+                    " RETURNING version", (*params[1:], params[0], expected))
+            row = await cur.fetchone()
+        return int(row[0]) if row else -1
+
+    async def _op_workflow_get(self, workflow_id: str) -> dict[str, Any] | None:
+        async with self.pool.acquire() as conn, conn.cursor() as cur:
+            await cur.execute(
+                "SELECT workflow_id, kind, status, state, version,"
+                " extract(epoch FROM created_at), extract(epoch FROM updated_at)"
+                " FROM citadel_workflow_state WHERE workflow_id = %s", (workflow_id,))
+            row = await cur.fetchone()
+        if row is None:
+            return None
+        keys = ("workflow_id", "kind", "status", "state", "version", "created_at", "updated_at")
+        return dict(zip(keys, row, strict=True))
+
+
+def _json_dumps(value: Any) -> str:
+    return orjson.dumps(value, default=str, option=orjson.OPT_SERIALIZE_NUMPY).decode()
+
+
+class Persistence:
+    """Loop-side facade of the PersistenceActor (see the module docstring)."""
+
+    def __init__(self, cfg: PersistenceConfig, state_dir: str, metrics: StorageMetrics,
+                 health: HealthState | None = None) -> None:
+        self.cfg = cfg
+        self.metrics = metrics
+        self.health = health
+        self.instance = cfg.instance or socket.gethostname()
+        spill_dir = cfg.spill_path or os.path.join(state_dir, "spill")
+        self.spill = SpillFile(spill_dir, cfg.spill_max_bytes)
+        self.metrics.spilled_rows.set(self.spill.rows)
+        self.metrics.pool_max.set(cfg.pool_max)
+        self.buffer: deque[Row] = deque()
+        self.up: bool | None = None  # None: not probed yet
+        self.last_error: str | None = None
+        self.latency_ms: float | None = None
+        self.pool_stats: dict[str, Any] = {}
+        self._actor: pykka.ActorRef[Any] | None = None
+        self._owned = False
+        self._inflight: set[concurrent.futures.Future[Any]] = set()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._wake = asyncio.Event()
+        self._spilling: set[asyncio.Future[Any]] = set()
+        self._flush_lock = asyncio.Lock()
+        self.closed = False
+
+    # -- actor wiring --
+
+    def child_spec(self, name: str = "persistence") -> ChildSpec:
+        return ChildSpec(
+            name=name, on_started=self.set_actor_ref, on_died=self.actor_died,
+            start=lambda link: PersistenceActor.start(cfg=self.cfg, instance=self.instance,
+                                                      link=link),
+            ping_interval=5.0, ping_timeout=self.cfg.timeout_s * 3 + 10.0,
+            shutdown_timeout=self.cfg.timeout_s + 5.0)
+
+    def set_actor_ref(self, ref: pykka.ActorRef[Any] | None, *, owned: bool = False) -> None:
+        old, self._actor, was_owned, self._owned = self._actor, ref, self._owned, owned
+        if old is not None and old is not ref:
+            self.actor_died(pykka.ActorDeadError("persistence actor replaced"))
+            if was_owned:
+                old.stop(block=False)
+
+    def actor_died(self, exc: BaseException | None = None) -> None:
+        for cf in list(self._inflight):
+            reject(cf, PersistenceUnavailable(f"persistence actor died: {exc!r}"))
+
+    def start_unsupervised(self) -> None:
+        self.set_actor_ref(PersistenceActor.start(cfg=self.cfg, instance=self.instance),
+                           owned=True)
+
+    async def call(self, op: str, arg: Any = None, wait_s: float | None = None) -> Any:
+        # a message may wait behind others and may retry once: allow for both
+        limit = wait_s if wait_s is not None else self.cfg.timeout_s * 2 + \
+            self.cfg.connect_timeout_s * 2
+        cf: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        if self._actor is None and not self.closed:  # not started yet: no verdict on PostgreSQL
+            raise PersistenceUnavailable("persistence is starting")
+        self._inflight.add(cf)
+        t0 = time.perf_counter()
+        try:
+            if self.closed:
+                raise PersistenceUnavailable("persistence is closed")
+            if self._actor is None:
+                raise PersistenceUnavailable("persistence actor is not running")
+            try:
+                self._actor.tell(_Msg(op, cf, arg, time.monotonic() + limit))
+            except pykka.ActorDeadError as exc:
+                raise PersistenceUnavailable(f"persistence actor is not running: {exc}") from None
+            try:
+                result = await asyncio.wait_for(asyncio.wrap_future(cf), limit)
+            except TimeoutError:
+                raise PersistenceUnavailable(f"no answer from PostgreSQL within {limit} s"
+                                             ) from None
+            except pykka.ActorDeadError as exc:
+                raise PersistenceUnavailable(f"persistence actor died: {exc}") from None
+        except PersistenceUnavailable as exc:
+            self._down(str(exc))
+            raise
+        finally:
+            self._inflight.discard(cf)
+        self.metrics.pg_op.labels(op).observe(time.perf_counter() - t0)
+        self._up()
+        return result
+
+    def _down(self, error: str) -> None:
+        if self.up is not False:
+            log.warning("PostgreSQL unavailable: %s", error)
+        self.up, self.last_error = False, error
+
+    def _up(self) -> None:
+        if self.up is False:
+            log.info("PostgreSQL recovered")
+            self._wake.set()
+        self.up, self.last_error = True, None
+
+    # -- buffered rows --
+
+    def record(self, kind: str, row: dict[str, Any]) -> None:
+        """Queue an audit/health/task row; never blocks, never raises."""
+        row.setdefault("at", time.time())
+        self.buffer.append((kind, row))
+        n = len(self.buffer)
+        if n > self.cfg.buffer_max_rows:
+            self._overflow()
+        elif n >= self.cfg.batch_rows:
+            self._wake.set()
+        self.metrics.buffered_rows.set(len(self.buffer))
+
+    def audit(self, action: str, target: str | None, request_id: str | None, status: int,
+              **detail: Any) -> None:
+        self.record("audit", {"action": action, "target": target, "request_id": request_id,
+                              "status": status, "detail": detail})
+
+    def log_task(self, task_id: str, kind: str, status: str, *, duration_ms: float | None = None,
+                 error: str | None = None, **detail: Any) -> None:
+        self.record("task", {"task_id": task_id, "kind": kind, "status": status,
+                             "duration_ms": duration_ms, "error": error, "detail": detail})
+
+    def _overflow(self) -> None:
+        """Move the oldest half of the buffer to the spill file (in a worker thread)."""
+        n = len(self.buffer) - self.cfg.buffer_max_rows // 2
+        rows = [self.buffer.popleft() for _ in range(n)]
+        self.metrics.buffered_rows.set(len(self.buffer))
+        self._spill_rows(rows)
+
+    def _spill_rows(self, rows: list[Row]) -> asyncio.Future[Any]:
+        loop = asyncio.get_running_loop()
+        fut = loop.run_in_executor(None, self.spill.append, rows)
+        self._spilling.add(fut)
+
+        def done(f: asyncio.Future[Any]) -> None:
+            self._spilling.discard(f)
+            written, dropped = (0, len(rows)) if f.cancelled() or f.exception() else f.result()
+            self.metrics.spill_total.inc(written)
+            if dropped:
+                self.metrics.dropped_rows.labels("spill_full").inc(dropped)
+                log.error("dropped %d audit/health rows: the spill file is full", dropped)
+            self.metrics.spilled_rows.set(self.spill.rows)
+        fut.add_done_callback(done)
+        return fut
+
+    async def flush(self) -> bool:
+        """Write spilled rows, then buffered ones; False when PostgreSQL is away (kept)."""
+        async with self._flush_lock:
+            return await self._flush()
+
+    async def _flush(self) -> bool:
+        loop = asyncio.get_running_loop()
+        batch = self.cfg.batch_rows
+        if self._spilling:
+            await asyncio.gather(*list(self._spilling), return_exceptions=True)
+        path = await loop.run_in_executor(None, self.spill.take)
+        while path is not None:
+            rows, bad = await loop.run_in_executor(None, SpillFile.read, path)
+            if bad:
+                self.metrics.dropped_rows.labels("torn_spill_line").inc(bad)
+                log.warning("skipped %d unreadable lines of %s", bad, path)
+            sent = 0
+            try:
+                while sent < len(rows):
+                    await self._write_rows(rows[sent:sent + batch])
+                    sent += min(batch, len(rows) - sent)
+            except (PersistenceUnavailable, PersistenceError):
+                if sent:  # keep only what is left, so nothing is written twice
+                    await loop.run_in_executor(None, _rewrite, path, rows[sent:])
+                    self.spill.rows = max(0, self.spill.rows - sent)
+                self.metrics.spilled_rows.set(self.spill.rows)
+                return False
+            await loop.run_in_executor(None, self.spill.done, path, len(rows) + bad)
+            self.metrics.spilled_rows.set(self.spill.rows)
+            log.info("replayed %d spilled rows", len(rows))
+            path = await loop.run_in_executor(None, self.spill.take)
+        while self.buffer:
+            rows = [self.buffer.popleft() for _ in range(min(batch, len(self.buffer)))]
+            try:
+                await self._write_rows(rows)
+            except (PersistenceUnavailable, PersistenceError) as exc:
+                self.buffer.extendleft(reversed(rows))
+                self.metrics.buffered_rows.set(len(self.buffer))
+                if isinstance(exc, PersistenceError):
+                    log.error("PostgreSQL refused %d rows; keeping them: %s", len(rows), exc)
+                return False
+            self.metrics.buffered_rows.set(len(self.buffer))
+        return True
+
+    async def _write_rows(self, rows: list[Row]) -> None:
+        counts = await self.call("rows", rows)
+        for table, n in counts.items():
+            self.metrics.rows_written.labels(table).inc(n)
+
+    async def _flusher(self) -> None:
+        while not self.closed:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.cfg.flush_interval_s)
+            self._wake.clear()
+            if self.up is False and not self.buffer and self.spill.rows == 0:
+                continue
+            try:
+                ok = await self.flush()
+            except Exception:
+                log.exception("flush failed")
+                ok = False
+            if not ok:
+                await asyncio.sleep(min(5.0, self.cfg.flush_interval_s * 2))
+
+    # -- outbox --
+
+    async def outbox_append(self, bodies: list[dict[str, Any]], request_id: str | None
+                            ) -> list[int]:
+        seqs: list[int] = await self.call("outbox_append", (bodies, request_id))
+        self.metrics.outbox_ops.labels("queued").inc(len(seqs))
+        return seqs
+
+    async def outbox_fetch(self, limit: int) -> list[OutboxRow]:
+        rows: list[OutboxRow] = await self.call("outbox_fetch", limit)
+        return rows
+
+    async def outbox_done(self, applied: list[int], failed: dict[int, str]) -> None:
+        await self.call("outbox_done", (applied, failed))
+        if applied:
+            self.metrics.outbox_ops.labels("applied").inc(len(applied))
+        if failed:
+            self.metrics.outbox_ops.labels("failed").inc(len(failed))
+
+    async def outbox_stats(self, collection: str | None = None) -> tuple[int, float | None]:
+        stats: tuple[int, float | None] = await self.call("outbox_stats", collection)
+        return stats
+
+    async def outbox_status(self, seq: int) -> dict[str, Any] | None:
+        status: dict[str, Any] | None = await self.call("outbox_status", seq)
+        return status
+
+    # -- workflow state (for the workflow actors) --
+
+    async def workflow_put(self, workflow_id: str, kind: str, status: str, state: dict[str, Any],
+                           expected_version: int | None = None) -> int:
+        version: int = await self.call("workflow_put", {
+            "workflow_id": workflow_id, "kind": kind, "status": status, "state": state,
+            "expected_version": expected_version})
+        return version
+
+    async def workflow_get(self, workflow_id: str) -> dict[str, Any] | None:
+        row: dict[str, Any] | None = await self.call("workflow_get", workflow_id)
+        return row
+
+    # -- background work --
+
+    async def probe(self) -> bool | None:
+        """Ping PostgreSQL; None while the actor has not started (no verdict yet)."""
+        if self._actor is None:
+            return None
+        t0 = time.perf_counter()
+        try:
+            stats = await self.call("ping", wait_s=self.cfg.timeout_s + self.cfg.connect_timeout_s
+                                    + 1)
+        except (PersistenceUnavailable, PersistenceError) as exc:
+            self.latency_ms = None
+            if isinstance(exc, PersistenceError):
+                self._down(str(exc))
+            ok = False
+        else:
+            self.latency_ms = (time.perf_counter() - t0) * 1000
+            self.pool_stats = stats
+            in_use = stats["size"] - stats["free"]
+            self.metrics.pool.labels("in_use").set(in_use)
+            self.metrics.pool.labels("idle").set(stats["free"])
+            ok = True
+        if self.health is not None:
+            self.health.set("postgres", ok, self.latency_ms, self.last_error,
+                            pool=self.pool_stats or None, instance=self.instance)
+        return ok
+
+    async def _health_history(self) -> None:
+        while not self.closed:
+            await asyncio.sleep(self.cfg.health_history_interval_s)
+            if self.health is None:
+                continue
+            now = time.time()
+            for name, dep in self.health.all().items():
+                self.record("health", {"at": now, "dependency": name, "status": dep["status"],
+                                       "latency_ms": dep.get("latency_ms"),
+                                       "error": dep.get("error")})
+
+    async def prune_once(self) -> dict[str, int]:
+        """One retention round: every table in bounded chunks; returns rows removed."""
+        r = self.cfg.retention
+        out: dict[str, int] = {}
+        for key, (table, column, cond) in PRUNE.items():
+            days = float(getattr(r, key))
+            if days <= 0:
+                continue
+            total = 0
+            for _ in range(1000):  # at most 1000 chunks per round; the next round goes on
+                n = int(await self.call("prune", (table, column, cond, days, r.prune_chunk)))
+                total += n
+                if n < r.prune_chunk:
+                    break
+                await asyncio.sleep(0)  # let other messages interleave
+            if total:
+                self.metrics.pruned_rows.labels(table).inc(total)
+                log.info("pruned %d rows from %s", total, table)
+            out[table] = total
+        return out
+
+    async def _pruner(self) -> None:
+        await asyncio.sleep(min(60.0, self.cfg.retention.prune_interval_s))
+        while not self.closed:
+            try:
+                await self.prune_once()
+            except (PersistenceUnavailable, PersistenceError) as exc:
+                log.info("retention pruning skipped: %s", exc)
+            except Exception:
+                log.exception("retention pruning failed")
+            await asyncio.sleep(self.cfg.retention.prune_interval_s)
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._flusher(), name="persistence-flusher"),
+                       loop.create_task(self._pruner(), name="persistence-pruner"),
+                       loop.create_task(self._health_history(), name="health-history")]
+
+    async def close(self, flush_timeout: float = 5.0) -> None:
+        """Flush what PostgreSQL will take in ``flush_timeout``; spill the rest to disk, so a
+        clean shutdown loses no row."""
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(BaseException):
+                await t
+        if self.up is not False and (self.buffer or self.spill.rows):
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.flush(), flush_timeout)
+        self.closed = True
+        if self._spilling:
+            await asyncio.gather(*list(self._spilling), return_exceptions=True)
+        if self.buffer:
+            rows = list(self.buffer)
+            self.buffer.clear()
+            await self._spill_rows(rows)
+            log.info("spilled %d unwritten rows to %s at shutdown", len(rows), self.spill.path)
+        self.actor_died(RuntimeError("persistence closed"))
+        if self._owned and self._actor is not None:
+            ref = self._actor
+            with contextlib.suppress(Exception):
+                await asyncio.get_running_loop().run_in_executor(
+                    None, lambda: ref.stop(block=True, timeout=10))
+        self._actor, self._owned = None, False
+
+
+def _rewrite(path: Path, rows: list[Row]) -> None:
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "wb") as f:
+        for kind, row in rows:
+            f.write(orjson.dumps({"k": kind, "r": row}, default=str) + b"\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
