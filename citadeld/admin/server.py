@@ -39,6 +39,7 @@ from citadeld.admin.protocol import (
     encode,
 )
 from citadeld.admin.registry import DEFAULT_TIMEOUT_S, REGISTRY, AdminContext, Registry
+from citadeld.llm import admin_commands as _breakers  # noqa: F401 - registers `breakers ...`
 
 if TYPE_CHECKING:
     from citadeld.admin.lifecycle import Lifecycle

@@ -240,3 +240,30 @@ def test_kill_primary_under_load_then_recover(llmd: DaemonProc, primary: Fake) -
     while servers(llmd)["llm-01"]["breaker"]["state"] != "closed":
         httpx.post(url, json={"model": MODEL, "prompt": "again"}, timeout=10)
         assert time.monotonic() < deadline
+
+
+def test_citadelctl_breakers(llmd: DaemonProc) -> None:
+    """Operators force a breaker open, see traffic move, and reset it."""
+    import json
+    import subprocess
+    import sys
+
+    def ctl(*words: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "citadeld.ctl", "--socket", llmd.admin_socket, *words],
+            capture_output=True, text=True, timeout=60)
+
+    listed = ctl("--json", "breakers", "list")
+    assert listed.returncode == 0, listed.stderr
+    assert "llm-01" in json.loads(listed.stdout)["result"]
+    assert ctl("breakers", "open", "llm-01").returncode == 2  # mutating: needs --yes
+    try:
+        assert ctl("breakers", "open", "llm-01", "--yes").returncode == 0
+        assert servers(llmd)["llm-01"]["breaker"]["state"] != "closed"
+        r = httpx.post(llmd.url + "/api/v1/llm/generate", timeout=30,
+                       json={"model": MODEL, "prompt": "hi", "stream": False})
+        assert r.status_code == 200 and r.headers["X-Citadel-Upstream"] != "llm-01"
+        assert ctl("breakers", "reset", "nope", "--yes").returncode == 1
+    finally:
+        assert ctl("breakers", "reset", "llm-01", "--yes").returncode == 0
+    assert servers(llmd)["llm-01"]["breaker"]["state"] == "closed"
