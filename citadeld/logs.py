@@ -45,6 +45,14 @@ class BufferedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg,unu
 
     def __init__(self, stream: Any, interval: float = 0.5) -> None:
         super().__init__(stream)
+        # our own 64 KiB buffer on the stream's file descriptor: under PYTHONUNBUFFERED (set by
+        # the systemd unit, and common in containers) sys.stdout writes every line with its own
+        # syscall. Every log line goes through here, so their order is kept.
+        self._raw: Any = None
+        try:
+            self._raw = open(stream.fileno(), "wb", buffering=1 << 16, closefd=False)
+        except (AttributeError, OSError, ValueError):  # no real file descriptor (tests)
+            self._raw = None
         self._stop = threading.Event()
         self._flusher = threading.Thread(
             target=self._flush_loop, args=(interval,), name="log-flush", daemon=True
@@ -54,21 +62,91 @@ class BufferedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg,unu
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            line = self.format(record)
-            self.stream.write(line + "\n")
+            line = self.format(record) + "\n"
+            if self._raw is not None:
+                self._raw.write(line.encode("utf-8", "backslashreplace"))
+            else:
+                self.stream.write(line)
             if record.levelno >= logging.WARNING:
                 self.flush()
         except Exception:
             self.handleError(record)
+
+    def write_line(self, line: bytes) -> None:
+        """A pre-formatted line (the access log's fast path); same buffer, same flushing."""
+        try:
+            if self._raw is not None:
+                self._raw.write(line + b"\n")
+            else:
+                self.stream.write(line.decode() + "\n")
+        except Exception:  # a log line must never fail the request it describes
+            pass
+
+    def flush(self) -> None:
+        if self._raw is not None:
+            try:
+                self._raw.flush()
+            except (OSError, ValueError):
+                pass
+        super().flush()
 
     def _flush_loop(self, interval: float) -> None:
         while not self._stop.wait(interval):
             self.flush()
 
 
+_line_handler: BufferedStreamHandler | None = None
+
+
+class _Clock:
+    """The ISO timestamp prefix changes once a second: format it once a second, not per line."""
+
+    __slots__ = ("_prefix", "_sec")
+
+    def __init__(self) -> None:
+        self._sec = -1
+        self._prefix = ""
+
+    def stamp(self, now: float) -> str:
+        sec = int(now)
+        if sec != self._sec:
+            self._sec = sec
+            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+        return f"{self._prefix}.{int((now - sec) * 1000):03d}Z"
+
+
+class AccessLog:
+    """One JSON line per request without logging's LogRecord machinery.
+
+    Building a LogRecord, walking handlers and formatting cost ~40 us a request, a fifth of a
+    cache hit's whole budget; this writes the same fields (ts, level, logger, msg, request_id,
+    then the request's own) straight into the buffered stdout handler. Falls back to plain
+    ``logging`` when that handler is not installed (library use, tests with caplog)."""
+
+    def __init__(self, name: str = "citadeld.access") -> None:
+        self.logger = logging.getLogger(name)
+        self._name = name
+        self._clock = _Clock()
+
+    def enabled(self) -> bool:
+        return self.logger.isEnabledFor(logging.INFO)
+
+    def write(self, rid: str, fields: dict[str, Any]) -> None:
+        handler = _line_handler
+        if handler is None or not self.logger.propagate or self.logger.handlers:
+            self.logger.info("request", extra=fields)
+            return
+        out: dict[str, Any] = {"ts": self._clock.stamp(time.time()), "level": "info",
+                               "logger": self._name, "msg": "request", "request_id": rid}
+        out.update(fields)
+        handler.write_line(orjson.dumps(out, default=str))
+
+
 def setup_logging(level: str) -> None:
+    global _line_handler
     handler = BufferedStreamHandler(sys.stdout)
     handler.setFormatter(JsonFormatter())
+    _line_handler = handler
     root = logging.getLogger()
     root.handlers[:] = [handler]
     set_level(level)
