@@ -133,6 +133,9 @@ class EmbeddingConfig(_Strict):
                 dims=384,
                 max_context=256,
                 aliases=("all-minilm:latest", "sentence-transformers/all-MiniLM-L6-v2"),
+                # a CPU batch of 32 takes hundreds of ms: waiting 20 ms for the callers just
+                # answered to resubmit keeps batches full under load at little cost to a lone one
+                batch=BatchConfig(max_items=32, max_wait_ms=20),
             )
         }
     )

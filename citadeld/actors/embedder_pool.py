@@ -65,6 +65,7 @@ class Slot:
     last_ok: float | None = None
     deadline: asyncio.TimerHandle | None = None
     ready: bool = False  # answered a probe or a batch since it (re)started
+    freed_at: float = 0.0  # when its last batch ended (monotonic)
 
     @property
     def alive(self) -> bool:
@@ -273,7 +274,10 @@ class EmbedderPool:
             if slot is None:
                 self._arm_cooldown_timer(now)
                 break
-            waited = now - head.enqueued
+            # max_wait counts from the later of the head's arrival and the slot's last batch
+            # end: the callers that batch just answered resubmit within a millisecond or two,
+            # and dispatching the leftovers at once would halve every batch in steady state
+            waited = now - max(head.enqueued, slot.freed_at)
             due = (
                 len(self._queue) >= bcfg.max_items
                 or waited * 1000 >= bcfg.max_wait_ms
@@ -382,6 +386,7 @@ class EmbedderPool:
         batch = slot.batch or []
         slot.batch = None
         slot.reply = None
+        slot.freed_at = time.monotonic()
         if slot.deadline is not None:
             slot.deadline.cancel()
             slot.deadline = None

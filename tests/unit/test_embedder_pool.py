@@ -111,6 +111,28 @@ async def test_concurrent_requests_are_batched() -> None:
     await asyncio.wrap_future(sup.stop())
 
 
+async def test_closed_loop_clients_keep_batches_full() -> None:
+    """Sixteen clients that resubmit 0-7 ms after their answer (an HTTP round trip), one slot:
+    leftovers that missed a batch must not be sent alone the moment the slot frees, or every
+    batch alternates between two halves in steady state (figure 2's mean batch was 16 of 32)."""
+    b = ScriptedBackend("a", delay=0.02)
+    pool, sup = await make_pool([b], model_cfg(max_items=16, max_wait_ms=5))
+    stop = time.monotonic() + 1.0
+
+    async def client(c: int) -> None:
+        n = 0
+        while time.monotonic() < stop:
+            await pool.embed([f"client {c} request {n}"], True)
+            n += 1
+            await asyncio.sleep((c % 8) / 1000)
+
+    await asyncio.gather(*(client(c) for c in range(16)))
+    sizes = [len(x) for x in b.batches[1:-1]]  # the first and the last batch are partial
+    assert sizes, b.batches
+    assert sum(sizes) / len(sizes) >= 10.5, f"batches were not kept full: {sizes}"  # was 8
+    await asyncio.wrap_future(sup.stop())
+
+
 async def test_lone_request_waits_at_most_max_wait() -> None:
     b = ScriptedBackend("a")
     pool, sup = await make_pool([b], model_cfg(max_wait_ms=30))
