@@ -103,6 +103,7 @@ class ModelConfig(_Strict):
     normalize: bool = True
     upstream_model: str | None = None
     path: str | None = None
+    nice: int = Field(10, ge=0, le=19)  # local only: compute threads run this much below the loop
     endpoints: tuple[EndpointConfig, ...] = ()
     keep_alive: str = "30m"
     timeout_s: float = Field(60.0, gt=0)

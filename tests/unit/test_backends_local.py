@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 
 import numpy as np
@@ -24,7 +25,9 @@ TAX = "quarterly tax filing deadline"
 
 @pytest.fixture(scope="module")
 def backend() -> Iterator[LocalBackend]:
-    b = LocalBackend(ModelConfig(backend="local", dims=384, max_context=256), "all-minilm")
+    # nice=0: built on pytest's own thread, which must keep its priority
+    b = LocalBackend(ModelConfig(backend="local", dims=384, max_context=256, nice=0),
+                     "all-minilm")
     yield b
     b.close()
 
@@ -87,3 +90,39 @@ def test_empty_batch_and_dims_mismatch(backend: LocalBackend) -> None:
 def test_probe_and_warm(backend: LocalBackend) -> None:
     backend.probe()
     backend.warm()
+
+
+def _nice_by_thread() -> dict[int, int]:
+    out = {}
+    for tid in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{tid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        out[int(tid)] = int(fields[16])  # field 19 of stat: nice
+    return out
+
+
+def test_compute_threads_run_below_the_event_loop() -> None:
+    """The actor thread that builds the backend, and the threads torch starts from it, run at
+    nice +7 here; the process's main thread (the event loop's) keeps its priority."""
+    main_tid = threading.get_native_id()
+    base = _nice_by_thread()[main_tid]
+    seen: dict[str, object] = {}
+
+    def actor_thread() -> None:
+        b = LocalBackend(ModelConfig(backend="local", dims=384, max_context=256, nice=7),
+                         "all-minilm")
+        b.embed([CAT] * 64, truncate=True)
+        seen["tid"] = threading.get_native_id()
+        seen["nices"] = _nice_by_thread()
+        b.close()
+
+    before = set(_nice_by_thread())
+    t = threading.Thread(target=actor_thread)
+    t.start()
+    t.join(120)
+    nices = seen["nices"]
+    assert isinstance(nices, dict)
+    assert nices[main_tid] == base
+    assert nices[seen["tid"]] == base + 7
+    spawned = {tid: n for tid, n in nices.items() if tid not in before and tid != seen["tid"]}
+    assert all(n == base + 7 for n in spawned.values()), spawned
