@@ -245,6 +245,22 @@ def test_logs_are_json_lines_with_request_ids(daemon: DaemonProc) -> None:
         time.sleep(0.1)
 
 
+def test_heap_is_frozen_once_models_are_ready(daemon: DaemonProc) -> None:
+    """After the models load, the long-lived heap is frozen for the garbage collector so a full
+    collection no longer stops the loop for 100+ ms."""
+    import json
+
+    deadline = time.monotonic() + 10  # readiness is polled every 2 s
+    while True:
+        frozen = [json.loads(x) for x in daemon.logs().splitlines()
+                  if x.startswith("{") and "heap frozen" in x]
+        if frozen:
+            break
+        assert time.monotonic() < deadline, "the heap was never frozen"
+    assert len(frozen) == 1
+    assert frozen[0]["objects"] > 50_000
+
+
 def test_work_of_disconnected_clients_is_dropped(daemon: DaemonProc, flaky_fake: Fake) -> None:
     """A caller that hangs up while its input waits for a batch costs no backend call."""
     import threading
