@@ -104,7 +104,8 @@ async def core_middleware(request: web.Request, handler: Handler) -> web.StreamR
             raise Unavailable("daemon is draining; retry on another instance", retry_after=5)
         # routes marked own_deadline (LLM streams) bound their own time; this would cut them
         if not getattr(match_info.handler, "own_deadline", False):
-            task = request.task  # the handler task aiohttp runs this request in
+            # this request's own task (request.task is the connection's, which awaits it)
+            task = asyncio.current_task()
             if task is not None:
                 deadlines.add(task, time.monotonic() + state.config.server.request_timeout_s)
         try:
