@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from citadeld.llm.config import LLMConfig
+from citadeld.security.config import AuditConfig, RateLimitsConfig, redact_security
 from citadeld.storage.config import (
     PersistenceConfig,
     VectorsConfig,
@@ -195,6 +196,8 @@ class Config(_Strict):
     watchdog: WatchdogConfig = WatchdogConfig()
     vectors: VectorsConfig = VectorsConfig()
     persistence: PersistenceConfig = PersistenceConfig()
+    rate_limits: RateLimitsConfig = RateLimitsConfig()
+    audit: AuditConfig = AuditConfig()
 
     @model_validator(mode="after")
     def _vector_models(self) -> Config:
@@ -311,6 +314,7 @@ def redact(cfg: Config) -> dict[str, Any]:
         if server.get("api_key"):
             server["api_key"] = "***"
     redact_storage(out)
+    redact_security(out)
     url = out["cache"].get("redis_url")
     if url and "@" in url:
         scheme, _, rest = url.partition("://")

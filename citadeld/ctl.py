@@ -25,6 +25,7 @@ from citadeld import __version__
 from citadeld.admin.client import ClientError, call
 from citadeld.admin.paths import default_socket_path
 from citadeld.admin.protocol import CONFIRMATION_REQUIRED, UNKNOWN_COMMAND, USAGE
+from citadeld.security import audit_cli
 
 EX_OK, EX_FAILED, EX_USAGE, EX_UNAVAILABLE, EX_TEMPFAIL = 0, 1, 2, 69, 75
 DEFAULT_CONFIG = "/etc/citadel/citadel.yaml"
@@ -47,6 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-t", "--timeout", type=float, default=130.0,
                    help="seconds to wait for the answer (default 130)")
     p.add_argument("--version", action="version", version=f"citadelctl {__version__}")
+    audit_cli.add_options(p)
     return p
 
 
@@ -269,6 +271,7 @@ RENDERERS: dict[str, Callable[[Any, TextIO], None]] = {
     "cache flush": r_simple(lambda r: f"flushed {r['flushed']} cached embeddings "
                             f"({r['backend']})"),
     "models warm": r_simple(lambda r: f"{r['model']} is warm ({r['ms']} ms)"),
+    "audit tail": lambda r, out: audit_cli.render(r, out, header=True),
 }
 
 
@@ -296,8 +299,9 @@ def main(argv: list[str] | None = None) -> int:
     out = sys.stdout
     if words == ["version"] and not args.json:
         print(f"citadelctl {__version__}")
+    named = audit_cli.named_args(words, args)
     try:
-        answer = call(path, words=words, confirm=args.yes, timeout=args.timeout)
+        answer = call(path, words=words, args=named, confirm=args.yes, timeout=args.timeout)
         err = answer.get("error") or {}
         if (not answer["ok"] and err.get("code") == CONFIRMATION_REQUIRED and err.get("ask")
                 and sys.stdin.isatty() and not args.json):
@@ -324,6 +328,10 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     if name == "health" and isinstance(result, dict) and result.get("status") != "ok":
         return EX_FAILED
+    if name == "audit tail" and args.follow:
+        return audit_cli.follow(
+            lambda more: call(path, words=words, args={**named, **more}, timeout=args.timeout),
+            answer, out, args.json)
     return EX_OK
 
 

@@ -53,8 +53,9 @@ class PersistenceError(Exception):
 # kind -> (table, columns, VALUES template); "at" is epoch seconds, json columns are Json()
 _ROW_TABLES: dict[str, tuple[str, tuple[str, ...], str]] = {
     "audit": ("citadel_audit_log",
-              ("at", "instance", "action", "target", "request_id", "status", "detail"),
-              "(to_timestamp(%s), %s, %s, %s, %s, %s, %s)"),
+              ("at", "instance", "action", "target", "request_id", "status", "detail",
+               "principal", "role", "method", "path", "latency_ms", "client", "body_sha256"),
+              "(to_timestamp(%s), %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"),
     "health": ("citadel_health_history",
                ("at", "instance", "dependency", "status", "latency_ms", "error"),
                "(to_timestamp(%s), %s, %s, %s, %s, %s)"),
@@ -319,6 +320,15 @@ class PersistenceActor(SupervisedActor):
                 f" WHERE {cond} AND {column} < now() - make_interval(secs => %s) LIMIT %s))",
                 (days * 86400.0, chunk))
             return int(cur.rowcount)
+
+    async def _op_select(self, arg: tuple[str, tuple[Any, ...]]) -> tuple[list[str], list[Any]]:
+        """A read-only query built by our own code (e.g. the audit trail's filters): column
+        names and rows. Never pass client text as ``sql``; it goes in the parameters."""
+        sql, params = arg
+        async with self.pool.acquire() as conn, conn.cursor() as cur:
+            await cur.execute(sql, params)
+            names = [d[0] for d in cur.description or ()]
+            return names, list(await cur.fetchall())
 
     async def _op_workflow_put(self, arg: dict[str, Any]) -> int:
         """Insert or update a workflow's state; with ``expected_version`` the update only

@@ -22,6 +22,8 @@ from citadeld.http import (
 )
 from citadeld.http.errors import dialect_of, error_response
 from citadeld.logs import request_id
+from citadeld.security import wiring as security
+from citadeld.security.audit import record_request
 from citadeld.state import STATE, DaemonState
 
 log = logging.getLogger("citadeld.http")
@@ -98,6 +100,7 @@ async def core_middleware(request: web.Request, handler: Handler) -> web.StreamR
                 extra={"method": request.method, "path": request.path, "status": status,
                        "ms": round(elapsed * 1000, 2), "remote": request.remote},
             )
+        record_request(request, status, elapsed, rid)
         request_id.reset(token)
     resp.headers["X-Request-ID"] = rid
     return resp
@@ -114,4 +117,5 @@ def build_app(state: DaemonState) -> web.Application:
     vector_routes.add_routes(app)
     health_routes.add_routes(app)
     docs_routes.add_routes(app)
+    security.install(app, state)  # after the auth middleware: rate limits need the principal
     return app

@@ -123,8 +123,26 @@ CREATE INDEX citadel_vector_outbox_pending_coll ON citadel_vector_outbox (origin
 CREATE INDEX citadel_vector_outbox_done ON citadel_vector_outbox (done_at)
     WHERE status <> 'pending';"""
 
+V2 = """\
+-- request audit trail: one row per HTTP request (action 'http'), besides the domain rows
+ALTER TABLE citadel_audit_log
+    ADD COLUMN principal   text,
+    ADD COLUMN role        text,
+    ADD COLUMN method      text,
+    ADD COLUMN path        text,
+    ADD COLUMN latency_ms  real,
+    ADD COLUMN client      text,
+    ADD COLUMN body_sha256 text;
+CREATE INDEX citadel_audit_log_principal ON citadel_audit_log (principal, id)
+    WHERE principal IS NOT NULL;
+CREATE INDEX citadel_audit_log_status ON citadel_audit_log (status, id);
+CREATE INDEX citadel_audit_log_path ON citadel_audit_log (path text_pattern_ops, id)
+    WHERE path IS NOT NULL;"""
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "audit, health history, task log, workflow state, vector outbox", V1),
+    Migration(2, "request audit trail: principal, role, method, path, latency, client, "
+                 "body hash", V2),
 )
 
 
