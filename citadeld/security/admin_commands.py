@@ -23,7 +23,7 @@ _PARAMS = [Param("n", optional=True, help="rows (default 20)"),
 @command("audit tail", params=_PARAMS, help="the newest audit rows (requests), oldest first")
 async def audit_tail(ctx: AdminContext, args: dict[str, Any]) -> Any:
     params = {k: str(v) for k, v in args.items() if v is not None and k != "n"}
-    params["limit"] = str(args.get("n") or 20)
+    params["limit"] = str(args["n"]) if args.get("n") is not None else "20"
     storage = ctx.state.storage
     persistence = storage.persistence if storage is not None else None
     try:

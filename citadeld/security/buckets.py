@@ -3,8 +3,8 @@ Lua script, so both enforce exactly the same rule.
 
 GCRA is a token bucket stored as a single number per key, the "theoretical arrival time"
 (TAT): with ``interval = 60 / per_min`` seconds and a capacity of ``burst`` requests, a request
-at ``now`` is allowed iff ``max(TAT, now) + interval - burst * interval <= now``; allowing it
-moves TAT on by one interval. One number instead of (tokens, last refill) makes the Redis side
+at ``now`` is allowed iff ``max(TAT, now) - now <= (burst - 1) * interval``; allowing it moves
+TAT on by one interval. One number instead of (tokens, last refill) makes the Redis side
 a single GET/SET under the script's atomicity, and the key expires exactly when the bucket is
 full again (an idle client costs no memory).
 """
@@ -15,6 +15,8 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+
+_EPS = 1e-6  # seconds: float rounding must never refuse a request that is exactly on time
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,13 +49,13 @@ def gcra(tat: float | None, now: float, policy: Policy) -> tuple[float | None, D
     """
     interval, burst = policy.interval_s, policy.burst
     base = now if tat is None or tat < now else tat
-    new_tat = base + interval
-    allow_at = new_tat - burst * interval
-    if now < allow_at:
-        return None, Decision(False, policy.per_min, burst, 0, base - now, allow_at - now)
-    remaining = math.floor((now - allow_at) / interval + 1e-9)
-    return new_tat, Decision(True, policy.per_min, burst, min(remaining, burst - 1),
-                             new_tat - now, 0.0)
+    ahead = base - now  # how far behind "full" the bucket is, in seconds of refill
+    slack = (burst - 1) * interval
+    if ahead > slack + _EPS:  # compared as a difference: no rounding of large epoch sums
+        return None, Decision(False, policy.per_min, burst, 0, ahead, ahead - slack)
+    remaining = math.floor((slack - ahead) / interval + 1e-9)
+    return base + interval, Decision(True, policy.per_min, burst,
+                                     max(0, min(remaining, burst - 1)), ahead + interval, 0.0)
 
 
 class LocalBuckets:
@@ -107,16 +109,18 @@ if stored then
   tat = tonumber(stored)
   if tat < now then tat = now end
 end
-local new_tat = tat + interval
-local allow_at = new_tat - burst * interval
-if now < allow_at then
-  return {0, 0, math.ceil(allow_at - now), math.ceil(tat - now)}
+local ahead = tat - now
+local slack = (burst - 1) * interval
+if ahead > slack + 1 then
+  return {0, 0, math.ceil(ahead - slack), math.ceil(ahead)}
 end
+local new_tat = tat + interval
 redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX',
-           math.ceil((new_tat - now) / 1000) + 1)
-local remaining = math.floor((now - allow_at) / interval + 1e-9)
+           math.ceil((ahead + interval) / 1000) + 1)
+local remaining = math.floor((slack - ahead) / interval + 1e-9)
 if remaining > burst - 1 then remaining = burst - 1 end
-return {1, remaining, 0, math.ceil(new_tat - now)}
+if remaining < 0 then remaining = 0 end
+return {1, remaining, 0, math.ceil(ahead + interval)}
 """
 
 

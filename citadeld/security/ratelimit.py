@@ -52,6 +52,20 @@ HEALTH_NAME = "rate_limit_redis"
 _HEALTH_EVERY_S = 2.0
 
 
+class _Circuit(Circuit):
+    """The cache's circuit, minus its "serving misses" log line: the limiter logs its own."""
+
+    def failed(self, exc: BaseException) -> None:
+        now = self.clock()
+        self.last_error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        if now >= self.open_until:
+            self.open_until = now + self.backoff
+            self.backoff = min(self.backoff * 2, self.backoff_max)
+
+    def succeeded(self) -> None:
+        self.last_error, self.open_until, self.backoff = None, 0.0, self.backoff_min
+
+
 class RateLimited(CitadelError):
     status = 429
     code = "rate_limited"
@@ -93,7 +107,7 @@ class RateLimiter:
         self.health = health
         self.groups = cfg.groups()
         self.local = LocalBuckets(cfg.local_max_keys, clock)
-        self.circuit = Circuit(1.0, 10.0, what="rate-limit redis")
+        self.circuit = _Circuit(1.0, 10.0, what="rate-limit redis")
         self.fallbacks = 0  # checks decided locally because Redis failed or was skipped
         self._group_of: dict[str, str | None] = {}
         self._prefixes = sorted(((r, name) for name, g in self.groups.items() for r in g.routes),
@@ -273,15 +287,16 @@ class RateLimiter:
                            for n, g in self.groups.items()}}
 
     async def probe(self) -> None:
-        """One PING, for a start-up verdict in /health/detailed before the first request."""
+        """At start-up: connect and load the script (so the first request pays for neither),
+        and give /health/detailed a verdict before the first request."""
         if self._client is None:
             return
         t0 = time.perf_counter()
         try:
-            async with asyncio.timeout(max(0.5, self.cfg.redis_timeout_s * 10)):
-                await self._client.ping()
+            async with asyncio.timeout(max(1.0, self.cfg.redis_timeout_s * 10)):
+                self._sha = await self._client.script_load(GCRA_LUA)
         except Exception as exc:
-            self.circuit.failed(exc)
+            self.circuit.failed(exc if str(exc) else TimeoutError("no answer at start-up"))
             self._set_health(False, None)
         else:
             self.circuit.succeeded()
