@@ -15,7 +15,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from citadeld.llm.config import LLMConfig
-from citadeld.security.config import AuditConfig, RateLimitsConfig, redact_security
+from citadeld.security.ratelimit_audit_config import (
+    AuditConfig,
+    RateLimitsConfig,
+    redact_security,
+)
 from citadeld.storage.config import (
     PersistenceConfig,
     VectorsConfig,

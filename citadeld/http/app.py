@@ -22,7 +22,7 @@ from citadeld.http import (
 )
 from citadeld.http.errors import dialect_of, error_response
 from citadeld.logs import request_id
-from citadeld.security import wiring as security
+from citadeld.security import after_auth
 from citadeld.security.audit import record_request
 from citadeld.state import STATE, DaemonState
 
@@ -117,5 +117,5 @@ def build_app(state: DaemonState) -> web.Application:
     vector_routes.add_routes(app)
     health_routes.add_routes(app)
     docs_routes.add_routes(app)
-    security.install(app, state)  # after the auth middleware: rate limits need the principal
+    after_auth.install(app, state)  # rate limits and audit: after auth (they need the principal)
     return app

@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from citadeld.security.config import AuditConfig
 from citadeld.security.principal import principal_of
+from citadeld.security.ratelimit_audit_config import AuditConfig
 from citadeld.security.seclog import SecurityLog
 
 if TYPE_CHECKING:

@@ -38,8 +38,8 @@ from citadeld.security.buckets import (
     Policy,
     decision_from_script,
 )
-from citadeld.security.config import GroupLimit, RateLimitsConfig
 from citadeld.security.principal import Principal, principal_of
+from citadeld.security.ratelimit_audit_config import GroupLimit, RateLimitsConfig
 from citadeld.security.seclog import SecurityLog
 
 if TYPE_CHECKING:

@@ -15,9 +15,9 @@ import pytest
 import redis
 
 from citadeld.health import HealthState
-from citadeld.security.config import RateLimitsConfig
 from citadeld.security.principal import Principal
 from citadeld.security.ratelimit import HEALTH_NAME, RateLimiter
+from citadeld.security.ratelimit_audit_config import RateLimitsConfig
 from tests.integration.test_cache_redis import SHARED_URL, Throwaway
 
 ALICE = Principal("alice", "user", "key", key_id="alice")

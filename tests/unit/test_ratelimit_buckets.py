@@ -10,9 +10,9 @@ from hypothesis import strategies as st
 
 from citadeld.config import Config, ConfigError, load_config
 from citadeld.security.buckets import LocalBuckets, Policy, gcra
-from citadeld.security.config import RateLimitsConfig
 from citadeld.security.principal import LOCAL, Principal
 from citadeld.security.ratelimit import RateLimiter, headers_of, redis_url_of
+from citadeld.security.ratelimit_audit_config import RateLimitsConfig
 
 
 class Clock:

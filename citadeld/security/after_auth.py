@@ -1,5 +1,6 @@
-"""How the HTTP app gets rate limiting and the audit trail: one ``install(app, state)`` call in
-``build_app`` (after the auth middleware is installed: the limiter needs the principal).
+"""The layers after authentication - rate limiting and the audit trail - joined to the app by
+one ``install(app, state)`` call in ``build_app`` after the auth layer's own ``install`` (the
+limiter needs the principal the auth middleware sets).
 
 The limiter and the trail are built in the app's start-up hook, when the daemon's metrics,
 health and persistence exist, and closed in its clean-up hook - before persistence flushes its
