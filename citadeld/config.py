@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from citadeld.llm.config import LLMConfig
+from citadeld.security.config import AuthConfig, CORSConfig, LimitsConfig
 from citadeld.storage.config import (
     PersistenceConfig,
     VectorsConfig,
@@ -195,6 +196,9 @@ class Config(_Strict):
     watchdog: WatchdogConfig = WatchdogConfig()
     vectors: VectorsConfig = VectorsConfig()
     persistence: PersistenceConfig = PersistenceConfig()
+    auth: AuthConfig = AuthConfig()
+    cors: CORSConfig = CORSConfig()
+    limits: LimitsConfig = LimitsConfig()
 
     @model_validator(mode="after")
     def _vector_models(self) -> Config:
@@ -311,6 +315,9 @@ def redact(cfg: Config) -> dict[str, Any]:
         if server.get("api_key"):
             server["api_key"] = "***"
     redact_storage(out)
+    jwt = out["auth"]["jwt"]
+    if jwt.get("hs256_secret"):
+        jwt["hs256_secret"] = "***"
     url = out["cache"].get("redis_url")
     if url and "@" in url:
         scheme, _, rest = url.partition("://")

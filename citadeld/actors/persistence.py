@@ -203,6 +203,11 @@ class PersistenceActor(SupervisedActor):
         return {"size": self.pool.size, "free": self.pool.freesize,
                 "max": self.pool.maxsize, "schema_version": self.schema_version}
 
+    async def _op_with_pool(self, fn: Callable[[Any], Awaitable[Any]]) -> Any:
+        """Run another module's statements on this actor's pool and loop (API keys, audit
+        queries), so their SQL lives with them; ``fn`` must be safe to run twice (see _run)."""
+        return await fn(self.pool)
+
     async def _op_rows(self, rows: list[Row]) -> dict[str, int]:
         import psycopg2.extras
 

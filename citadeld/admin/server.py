@@ -40,6 +40,7 @@ from citadeld.admin.protocol import (
 )
 from citadeld.admin.registry import DEFAULT_TIMEOUT_S, REGISTRY, AdminContext, Registry
 from citadeld.llm import admin_commands as _breakers  # noqa: F401 - registers `breakers ...`
+from citadeld.security import admin_commands as _keys  # noqa: F401 - registers `keys ...`
 
 if TYPE_CHECKING:
     from citadeld.admin.lifecycle import Lifecycle

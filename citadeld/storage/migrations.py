@@ -123,8 +123,23 @@ CREATE INDEX citadel_vector_outbox_pending_coll ON citadel_vector_outbox (origin
 CREATE INDEX citadel_vector_outbox_done ON citadel_vector_outbox (done_at)
     WHERE status <> 'pending';"""
 
+V2 = """\
+-- API keys (issue 7): only the sha256 of each key is stored; the daemons keep the table in memory
+CREATE TABLE citadel_api_keys (
+    id           text PRIMARY KEY,
+    name         text NOT NULL,
+    role         text NOT NULL CHECK (role IN ('user', 'developer', 'admin')),
+    sha256       text NOT NULL CHECK (sha256 ~ '^[0-9a-f]{64}$'),
+    rate_per_min real CHECK (rate_per_min IS NULL OR rate_per_min > 0),
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    created_by   text,
+    expires_at   timestamptz,
+    revoked_at   timestamptz
+);"""
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "audit, health history, task log, workflow state, vector outbox", V1),
+    Migration(2, "api keys", V2),
 )
 
 
