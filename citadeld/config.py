@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from citadeld.llm.config import LLMConfig
+from citadeld.security.config import AuthConfig, CORSConfig, LimitsConfig
 from citadeld.security.ratelimit_audit_config import (
     AuditConfig,
     RateLimitsConfig,
@@ -200,6 +201,9 @@ class Config(_Strict):
     watchdog: WatchdogConfig = WatchdogConfig()
     vectors: VectorsConfig = VectorsConfig()
     persistence: PersistenceConfig = PersistenceConfig()
+    auth: AuthConfig = AuthConfig()
+    cors: CORSConfig = CORSConfig()
+    limits: LimitsConfig = LimitsConfig()
     rate_limits: RateLimitsConfig = RateLimitsConfig()
     audit: AuditConfig = AuditConfig()
 
@@ -318,6 +322,9 @@ def redact(cfg: Config) -> dict[str, Any]:
         if server.get("api_key"):
             server["api_key"] = "***"
     redact_storage(out)
+    jwt = out["auth"]["jwt"]
+    if jwt.get("hs256_secret"):
+        jwt["hs256_secret"] = "***"
     redact_security(out)
     url = out["cache"].get("redis_url")
     if url and "@" in url:

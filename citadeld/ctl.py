@@ -270,6 +270,10 @@ RENDERERS: dict[str, Callable[[Any, TextIO], None]] = {
                                                          " (was not draining)")),
     "cache flush": r_simple(lambda r: f"flushed {r['flushed']} cached embeddings "
                             f"({r['backend']})"),
+    "keys create": r_simple(lambda r: f"API key {r['id']} ({r['name']}, role {r['role']}"
+                            f", expires {r['expires_at'] or 'never'}):\n\n    {r['key']}\n\n"
+                            "Store it now: it is shown only once (only its hash is kept)."),
+    "keys revoke": r_simple(lambda r: f"revoked {r['id']} ({r['name']}) at {r['revoked_at']}"),
     "models warm": r_simple(lambda r: f"{r['model']} is warm ({r['ms']} ms)"),
     "audit tail": lambda r, out: audit_cli.render(r, out, header=True),
 }
@@ -291,15 +295,48 @@ def _ask(question: str) -> bool:
     return answer.strip().lower() in ("y", "yes")
 
 
+_OWN_OPTIONS = frozenset({"--socket", "--config", "--json", "--yes", "--timeout", "--version",
+                          *audit_cli.OWN_OPTIONS,
+                          "--help"})
+
+
+def split_named(argv: Sequence[str]) -> tuple[list[str], dict[str, str]]:
+    """Take a command's own options (``--role admin``, ``--rate=100``) out of argv: they go to
+    the daemon as named arguments, so a new daemon command needs no new citadelctl option."""
+    rest: list[str] = []
+    named: dict[str, str] = {}
+    items = list(argv)
+    i = 0
+    while i < len(items):
+        item = items[i]
+        name, eq, value = item.partition("=")
+        if (item == "--" or not item.startswith("--") or len(item) < 3
+                or name in _OWN_OPTIONS):
+            rest.append(item)
+            i += 1
+            continue
+        key = name[2:].replace("-", "_")
+        if eq:
+            named[key] = value
+        elif i + 1 < len(items) and not items[i + 1].startswith("-"):
+            named[key] = items[i + 1]
+            i += 1
+        else:
+            named[key] = "true"
+        i += 1
+    return rest, named
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_intermixed_args(argv)
+    raw, named = split_named(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_intermixed_args(raw)
     words: list[str] = list(args.words) or ["help"]
     path = socket_path(args)
     out = sys.stdout
     if words == ["version"] and not args.json:
         print(f"citadelctl {__version__}")
-    named = audit_cli.named_args(words, args)
+    named.update(audit_cli.named_args(words, args))
     try:
         answer = call(path, words=words, args=named, confirm=args.yes, timeout=args.timeout)
         err = answer.get("error") or {}
@@ -307,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
                 and sys.stdin.isatty() and not args.json):
             if not _ask(err["ask"]):
                 return _fail("not confirmed; nothing done", EX_USAGE)
-            answer = call(path, words=words, confirm=True, timeout=args.timeout)
+            answer = call(path, words=words, args=named, confirm=True, timeout=args.timeout)
     except ClientError as exc:
         return _fail(str(exc), EX_TEMPFAIL if exc.kind == "timeout" else EX_UNAVAILABLE)
     if args.json:

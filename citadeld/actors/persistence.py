@@ -204,6 +204,11 @@ class PersistenceActor(SupervisedActor):
         return {"size": self.pool.size, "free": self.pool.freesize,
                 "max": self.pool.maxsize, "schema_version": self.schema_version}
 
+    async def _op_with_pool(self, fn: Callable[[Any], Awaitable[Any]]) -> Any:
+        """Run another module's statements on this actor's pool and loop (API keys, audit
+        queries), so their SQL lives with them; ``fn`` must be safe to run twice (see _run)."""
+        return await fn(self.pool)
+
     async def _op_rows(self, rows: list[Row]) -> dict[str, int]:
         import psycopg2.extras
 
@@ -320,15 +325,6 @@ class PersistenceActor(SupervisedActor):
                 f" WHERE {cond} AND {column} < now() - make_interval(secs => %s) LIMIT %s))",
                 (days * 86400.0, chunk))
             return int(cur.rowcount)
-
-    async def _op_select(self, arg: tuple[str, tuple[Any, ...]]) -> tuple[list[str], list[Any]]:
-        """A read-only query built by our own code (e.g. the audit trail's filters): column
-        names and rows. Never pass client text as ``sql``; it goes in the parameters."""
-        sql, params = arg
-        async with self.pool.acquire() as conn, conn.cursor() as cur:
-            await cur.execute(sql, params)
-            names = [d[0] for d in cur.description or ()]
-            return names, list(await cur.fetchall())
 
     async def _op_workflow_put(self, arg: dict[str, Any]) -> int:
         """Insert or update a workflow's state; with ``expected_version`` the update only

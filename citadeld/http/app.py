@@ -24,6 +24,7 @@ from citadeld.http.errors import dialect_of, error_response
 from citadeld.logs import request_id
 from citadeld.security import after_auth
 from citadeld.security.audit import record_request
+from citadeld.security.wiring import install as install_security
 from citadeld.state import STATE, DaemonState
 
 log = logging.getLogger("citadeld.http")
@@ -112,6 +113,7 @@ def build_app(state: DaemonState) -> web.Application:
         client_max_size=state.config.server.max_body_bytes,
     )
     app[STATE] = state
+    install_security(app, state)  # CORS and auth middlewares after core_middleware
     embed_routes.add_routes(app)
     llm_routes.add_routes(app)
     vector_routes.add_routes(app)

@@ -74,7 +74,8 @@ def install(app: web.Application, state: Any) -> None:
         if cfg.audit.enabled and persistence is None:
             log.warning("audit trail: no PostgreSQL (persistence.dsn unset); requests are "
                         "only in the access log")
-        app[AUDIT_TRAIL] = AuditTrail(cfg.audit, persistence, seclog)
+        auth = getattr(cfg, "auth", None)
+        app[AUDIT_TRAIL] = AuditTrail(cfg.audit, persistence, bool(auth and auth.enabled))
 
     async def stop_audit(app: web.Application) -> None:
         trail = app.get(AUDIT_TRAIL)

@@ -21,9 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from citadeld.security.principal import principal_of
+from citadeld.security.principal import LOCAL, PRINCIPAL_KEY, Principal
 from citadeld.security.ratelimit_audit_config import AuditConfig
-from citadeld.security.seclog import SecurityLog
 
 if TYPE_CHECKING:
     from citadeld.actors.persistence import Persistence
@@ -31,14 +30,16 @@ if TYPE_CHECKING:
 log = logging.getLogger("citadeld.audit")
 
 ACTION = "http"  # the action of request rows; domain rows (e.g. vectors.store) keep theirs
-_EVENTS = {401: "authentication_failed", 403: "access_denied"}  # 429: the rate limiter's
+# a request the auth layer refused before naming anyone: recorded under its client address
+_UNAUTHENTICATED = Principal(name="", role="", kind="anonymous")
+
 
 class AuditTrail:
     def __init__(self, cfg: AuditConfig, persistence: Persistence | None,
-                 seclog: SecurityLog | None = None) -> None:
+                 auth_enabled: bool = False) -> None:
         self.cfg = cfg
         self.persistence = persistence
-        self.seclog = seclog or SecurityLog(cfg.event_log_interval_s)
+        self.auth_enabled = auth_enabled
         self.enabled = cfg.enabled and persistence is not None
         exact = [p for p in cfg.exclude_paths if not p.endswith("*")]
         self._exact = frozenset(exact)
@@ -53,16 +54,15 @@ class AuditTrail:
     def request_done(self, request: web.Request, status: int, elapsed: float, rid: str) -> None:
         """From the core middleware's ``finally``: never blocks, never raises."""
         try:
-            if status in _EVENTS:
-                self.seclog.event(_EVENTS[status], request, principal_of(request),
-                                  status=status)
             if not self.enabled or self.excluded(request.path):
                 return
-            p = principal_of(request)
+            p = request.get(PRINCIPAL_KEY)
+            if p is None:  # auth refused it (401) or never ran; with auth off: LOCAL
+                p = _UNAUTHENTICATED if self.auth_enabled else LOCAL
             now = time.time()
             row: dict[str, Any] = {
                 "at": now - elapsed, "action": ACTION, "target": None, "request_id": rid,
-                "status": status, "principal": p.name, "role": p.role,
+                "status": status, "principal": p.name or request.remote, "role": p.role or None,
                 "method": request.method, "path": request.path,
                 "latency_ms": round(elapsed * 1000, 3), "client": request.remote,
                 "body_sha256": None,

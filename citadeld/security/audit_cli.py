@@ -15,26 +15,22 @@ COLUMNS = ("id", "at", "principal", "role", "method", "path", "status", "latency
            "request_id")
 
 
+#: citadelctl's own options for `audit tail`; --principal, --status and --path need none: they
+#: travel to the daemon as named arguments like any command's (see ctl.split_named)
+OWN_OPTIONS = ("--lines", "--follow")
+
+
 def add_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("audit tail")
+    g = p.add_argument_group("audit tail (also --principal P, --status S, --path PREFIX)")
     g.add_argument("-n", "--lines", type=int, metavar="N", help="audit tail: rows (default 20)")
     g.add_argument("-f", "--follow", action="store_true",
                    help="audit tail: keep printing new rows until interrupted")
-    g.add_argument("--principal", help="audit tail: only this principal")
-    g.add_argument("--status", help="audit tail: a status (429) or a class (4xx)")
-    g.add_argument("--path", help="audit tail: path prefix")
 
 
-def named_args(words: list[str], args: argparse.Namespace) -> dict[str, Any]:
-    if words[:2] != ["audit", "tail"]:
+def named_args(words: list[str], args: argparse.Namespace) -> dict[str, str]:
+    if words[:2] != ["audit", "tail"] or args.lines is None:
         return {}
-    out: dict[str, Any] = {}
-    if args.lines is not None:
-        out["n"] = args.lines
-    for key in ("principal", "status", "path"):
-        if getattr(args, key) is not None:
-            out[key] = getattr(args, key)
-    return out
+    return {"n": str(args.lines)}
 
 
 def render(res: dict[str, Any], out: TextIO, header: bool = False) -> None:

@@ -167,8 +167,14 @@ async def query(persistence: Persistence | None, f: AuditFilter) -> dict[str, An
         raise Unavailable("the audit trail is kept in PostgreSQL: set persistence.dsn",
                           retry_after=30)
     sql, args = build_sql(f)
+
+    async def select(pool: Any) -> list[Any]:  # on the PersistenceActor's own loop and pool
+        async with pool.acquire() as conn, conn.cursor() as cur:
+            await cur.execute(sql, args)
+            return list(await cur.fetchall())
+
     try:
-        _, rows = await persistence.call("select", (sql, args))
+        rows = await persistence.call("with_pool", select)
     except PersistenceUnavailable as exc:
         raise Unavailable(f"PostgreSQL is unavailable: {exc}", retry_after=5) from None
     except PersistenceError as exc:

@@ -77,7 +77,7 @@ class AuditConfig(_Strict):
     exclude_paths: tuple[str, ...] = ()
     inline_hash_max_bytes: int = Field(262_144, ge=0)  # larger bodies are hashed off the loop
     query_max_rows: int = Field(1000, ge=1, le=100_000)  # per GET /api/v1/audit page
-    # security events (401, 403, 429) logged at most once per principal and kind in this window
+    # rate-limit trips are logged at most once per principal and route group in this window
     event_log_interval_s: float = Field(10.0, ge=0)
 
     @model_validator(mode="after")

@@ -1,4 +1,5 @@
-"""Security events in the log: failed logins (401), denied access (403), rate-limit trips (429).
+"""Rate-limit trips (429) as security events in the log (the auth middleware logs failed logins
+and denied access itself).
 
 One structured WARNING line per event, without secrets (no credentials, no bodies, no query
 strings: only who, from where, what route, what happened). A flood (a brute-force run, a client
