@@ -81,7 +81,7 @@ async def keys_create(ctx: AdminContext, args: dict[str, Any]) -> Any:
 async def keys_list(ctx: AdminContext, args: dict[str, Any]) -> Any:
     store = _store(ctx)
     now = time.time()
-    return {"keys": [_public(e.public(now)) for e in store.entries()], **store.status()}
+    return {"keys": [_public(e.public(now)) for e in store.entries()], "table": store.status()}
 
 
 @command("keys revoke", mutating=True, params=[Param("id", help="the key id (ck_<id>_...)")],

@@ -240,7 +240,7 @@ class KeyStore:
         return entry
 
     def status(self) -> dict[str, Any]:
-        return {"keys": len(self.table.entries), "config_keys": len(self._config),
+        return {"entries": len(self.table.entries), "config_keys": len(self._config),
                 "postgres": self.persistence is not None, "loaded_at": self.loaded_at,
                 "last_error": self.last_error}
 
