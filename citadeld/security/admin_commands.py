@@ -8,7 +8,8 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-from citadeld.admin.protocol import AdminError
+from citadeld.actors.persistence import PersistenceError, PersistenceUnavailable
+from citadeld.admin.protocol import UNAVAILABLE, AdminError
 from citadeld.admin.registry import AdminContext, Param, command
 from citadeld.security.config import ROLES
 from citadeld.security.key_store import KeyStore, KeyStoreError
@@ -73,6 +74,8 @@ async def keys_create(ctx: AdminContext, args: dict[str, Any]) -> Any:
                                         expires_at=expires, rate_per_min=rate, created_by=by)
     except KeyStoreError as exc:
         raise AdminError(str(exc), "failed") from None
+    except (PersistenceUnavailable, PersistenceError) as exc:
+        raise AdminError(f"PostgreSQL: {exc}; no key was created", UNAVAILABLE) from None
     return {**_public(entry.public()), "key": key,
             "note": "the key is shown only now; only its hash is stored"}
 
@@ -96,4 +99,6 @@ async def keys_revoke(ctx: AdminContext, args: dict[str, Any]) -> Any:
     except KeyStoreError as exc:
         raise AdminError(str(exc), "not_found" if "no API key" in str(exc) else "failed"
                          ) from None
+    except (PersistenceUnavailable, PersistenceError) as exc:
+        raise AdminError(f"PostgreSQL: {exc}; the key is not revoked", UNAVAILABLE) from None
     return _public(entry.public())
