@@ -11,7 +11,8 @@ from typing import Any
 from citadeld.actors.persistence import PersistenceError, PersistenceUnavailable
 from citadeld.admin.protocol import UNAVAILABLE, AdminError
 from citadeld.admin.registry import AdminContext, Param, command
-from citadeld.security.config import ROLES
+from citadeld.admin.reload import live
+from citadeld.security.config import ROLES, ConfigKey
 from citadeld.security.key_store import KeyStore, KeyStoreError
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
@@ -102,3 +103,13 @@ async def keys_revoke(ctx: AdminContext, args: dict[str, Any]) -> Any:
     except (PersistenceUnavailable, PersistenceError) as exc:
         raise AdminError(f"PostgreSQL: {exc}; the key is not revoked", UNAVAILABLE) from None
     return _public(entry.public())
+
+
+@live("auth.api_keys")
+def _reload_config_keys(state: Any, path: str, value: Any) -> str | None:
+    """Keys listed in the config apply on reload: add one, or remove one to revoke it."""
+    store = state.extra.get("keys")
+    if not isinstance(store, KeyStore):
+        return "authentication is off; needs a restart"
+    store.set_config_keys([ConfigKey.model_validate(k) for k in value or ()])
+    return None
