@@ -438,8 +438,15 @@ def _paths(model_names: list[str]) -> Json:
     }
 
 
-def build_openapi(app_version: str, model_names: list[str]) -> Json:
-    """The whole document; a pure function of its arguments, so equal inputs give equal JSON."""
+def build_openapi(app_version: str, model_names: list[str], auth: Any = None) -> Json:
+    """The whole document; a pure function of its arguments, so equal inputs give equal JSON.
+    `auth` (an AuthConfig) adds security schemes and requirements when auth is on."""
+    from citadeld.security.openapi import apply as apply_security
+
+    return apply_security(_document(app_version, model_names), auth)
+
+
+def _document(app_version: str, model_names: list[str]) -> Json:
     return {
         "openapi": OPENAPI_VERSION,
         "info": {

@@ -8,9 +8,11 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-from citadeld.admin.protocol import AdminError
+from citadeld.actors.persistence import PersistenceError, PersistenceUnavailable
+from citadeld.admin.protocol import UNAVAILABLE, AdminError
 from citadeld.admin.registry import AdminContext, Param, command
-from citadeld.security.config import ROLES
+from citadeld.admin.reload import live
+from citadeld.security.config import ROLES, ConfigKey
 from citadeld.security.key_store import KeyStore, KeyStoreError
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
@@ -73,6 +75,8 @@ async def keys_create(ctx: AdminContext, args: dict[str, Any]) -> Any:
                                         expires_at=expires, rate_per_min=rate, created_by=by)
     except KeyStoreError as exc:
         raise AdminError(str(exc), "failed") from None
+    except (PersistenceUnavailable, PersistenceError) as exc:
+        raise AdminError(f"PostgreSQL: {exc}; no key was created", UNAVAILABLE) from None
     return {**_public(entry.public()), "key": key,
             "note": "the key is shown only now; only its hash is stored"}
 
@@ -81,7 +85,7 @@ async def keys_create(ctx: AdminContext, args: dict[str, Any]) -> Any:
 async def keys_list(ctx: AdminContext, args: dict[str, Any]) -> Any:
     store = _store(ctx)
     now = time.time()
-    return {"keys": [_public(e.public(now)) for e in store.entries()], **store.status()}
+    return {"keys": [_public(e.public(now)) for e in store.entries()], "table": store.status()}
 
 
 @command("keys revoke", mutating=True, params=[Param("id", help="the key id (ck_<id>_...)")],
@@ -96,4 +100,16 @@ async def keys_revoke(ctx: AdminContext, args: dict[str, Any]) -> Any:
     except KeyStoreError as exc:
         raise AdminError(str(exc), "not_found" if "no API key" in str(exc) else "failed"
                          ) from None
+    except (PersistenceUnavailable, PersistenceError) as exc:
+        raise AdminError(f"PostgreSQL: {exc}; the key is not revoked", UNAVAILABLE) from None
     return _public(entry.public())
+
+
+@live("auth.api_keys")
+def _reload_config_keys(state: Any, path: str, value: Any) -> str | None:
+    """Keys listed in the config apply on reload: add one, or remove one to revoke it."""
+    store = state.extra.get("keys")
+    if not isinstance(store, KeyStore):
+        return "authentication is off; needs a restart"
+    store.set_config_keys([ConfigKey.model_validate(k) for k in value or ()])
+    return None

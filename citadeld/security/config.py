@@ -200,10 +200,11 @@ class CORSConfig(_Strict):
     @field_validator("allow_origins")
     @classmethod
     def _origins(cls, v: tuple[str, ...]) -> tuple[str, ...]:
-        for o in v:
+        out = tuple(o if o == "*" else o.rstrip("/").lower() for o in v)  # as browsers send it
+        for o in out:
             if o != "*" and not re.match(r"^https?://[^/\s]+$", o):
                 raise ValueError(f"origin {o!r} must be scheme://host[:port] (no path) or *")
-        return tuple(o.rstrip("/") for o in v)
+        return out
 
 
 class LimitsConfig(_Strict):

@@ -80,8 +80,9 @@ class JWKS:
             if now - self.fetched_at > self.cfg.jwks_cache_s and may_fetch:
                 self.start_fetch()  # stale: refresh behind this request, use what we have
             return found
-        if may_fetch or not self.keys:  # an unknown kid: the provider may have rotated
-            await self.refresh()
+        fetching = self._inflight is not None and not self._inflight.done()
+        if may_fetch or fetching:  # an unknown kid: the provider may have rotated
+            await self.refresh()  # joins a fetch already in flight
             found = self._known(kid)
         if found is None:
             raise TokenRejected("token names no kid and the JWKS has several keys"

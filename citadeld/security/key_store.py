@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from citadeld.security.config import ROLES, AuthConfig
+from citadeld.security.config import ROLES, AuthConfig, ConfigKey
 from citadeld.security.keys import KeyEntry, KeyTable, generate
 
 if TYPE_CHECKING:
@@ -58,19 +58,24 @@ class KeyStore:
         self.persistence = persistence
         self.table = KeyTable()
         self.snapshot = Path(state_dir) / "api_keys.json" if state_dir else None
-        self._config = {k.id: KeyEntry(id=k.id, name=k.name or k.id, role=k.role,
-                                       digest=bytes.fromhex(k.sha256), expires_at=k.expires_at,
-                                       rate_per_min=k.rate_per_min, source="config")
-                        for k in cfg.api_keys}
+        self._config: dict[str, KeyEntry] = {}
         self._db: dict[str, KeyEntry] = {}
         self._gen = 0  # bumped by every change made through this daemon
         self.loaded_at: float | None = None  # last successful load from PostgreSQL
         self.last_error: str | None = None
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
-        self._publish()
+        self.set_config_keys(cfg.api_keys)
 
     # ---- the table ---------------------------------------------------------------------------
+
+    def set_config_keys(self, keys: Iterable[ConfigKey]) -> None:
+        """The keys of ``auth.api_keys`` (at start and on a config reload)."""
+        self._config = {k.id: KeyEntry(id=k.id, name=k.name or k.id, role=k.role,
+                                       digest=bytes.fromhex(k.sha256), expires_at=k.expires_at,
+                                       rate_per_min=k.rate_per_min, source="config")
+                        for k in keys}
+        self._publish()
 
     def _publish(self) -> None:
         self.table.replace({**self._db, **self._config})
@@ -219,7 +224,7 @@ class KeyStore:
         persistence = self._require_db()
         if key_id in self._config:
             raise KeyStoreError(f"key {key_id} comes from the config (auth.api_keys): remove "
-                                "it there and reload")
+                                "it there and `citadelctl reload --yes`")
 
         async def update(pool: Any) -> Any:
             async with pool.acquire() as conn, conn.cursor() as cur:
@@ -240,7 +245,7 @@ class KeyStore:
         return entry
 
     def status(self) -> dict[str, Any]:
-        return {"keys": len(self.table.entries), "config_keys": len(self._config),
+        return {"entries": len(self.table.entries), "config_keys": len(self._config),
                 "postgres": self.persistence is not None, "loaded_at": self.loaded_at,
                 "last_error": self.last_error}
 
