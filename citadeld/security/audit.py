@@ -59,11 +59,17 @@ class AuditTrail:
             p = request.get(PRINCIPAL_KEY)
             if p is None:  # auth refused it (401) or never ran; with auth off: LOCAL
                 p = _UNAUTHENTICATED if self.auth_enabled else LOCAL
+            path = request.path
+            if "\x00" in path:  # %00 in a URL: PostgreSQL text cannot hold NUL
+                path = path.replace("\x00", "\ufffd")
+            name = p.name or request.remote
+            if name and "\x00" in name:
+                name = name.replace("\x00", "\ufffd")
             now = time.time()
             row: dict[str, Any] = {
                 "at": now - elapsed, "action": ACTION, "target": None, "request_id": rid,
-                "status": status, "principal": p.name or request.remote, "role": p.role or None,
-                "method": request.method, "path": request.path,
+                "status": status, "principal": name, "role": p.role or None,
+                "method": request.method, "path": path,
                 "latency_ms": round(elapsed * 1000, 3), "client": request.remote,
                 "body_sha256": None,
                 "detail": {"kind": p.kind, "key_id": p.key_id} if p.key_id else {"kind": p.kind},

@@ -172,7 +172,11 @@ def test_audit_rows_have_the_fields_and_no_secrets(pair: Pair) -> None:
     assert r.status_code == 429
     (row,) = pair.wait_rows("request_id = %s", (f"{rid}-{i}",))
     assert row["status"] == 429 and row["body_sha256"] is None
-    # a client that goes away is audited as 499 - not tested here: the access log covers it
+    # hostile paths cannot poison the batch: PostgreSQL text holds no NUL
+    r = httpx.get(pair.a.url + "/api/v1/nope%00x", headers={"X-Request-ID": rid + "-nul"})
+    assert r.status_code == 404
+    (row,) = pair.wait_rows("request_id = %s", (rid + "-nul",))
+    assert row["path"] == "/api/v1/nope\ufffdx" and row["status"] == 404
 
 
 def test_audit_api_filters_paging_and_bad_input(pair: Pair) -> None:

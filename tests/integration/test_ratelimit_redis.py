@@ -181,3 +181,41 @@ async def test_no_redis_at_start_means_local_buckets(limiters: list[RateLimiter]
     assert [(await rl.check(ALICE, None, "embedding")).allowed for _ in range(3)] == \
         [True, True, False]
     assert rl.mode == "fallback"
+
+
+@pytest.fixture
+def pw_server() -> Iterator[Throwaway]:
+    """A throwaway redis-server that wants a password."""
+    import subprocess
+
+    srv = Throwaway()
+    srv.proc = subprocess.Popen(
+        ["redis-server", "--port", str(srv.port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no", "--requirepass", "s3cret"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    admin = redis.Redis(port=srv.port, password="s3cret")
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            admin.ping()
+            break
+        except redis.RedisError:
+            assert time.monotonic() < deadline, "no redis-server"
+            time.sleep(0.05)
+    try:
+        yield srv
+    finally:
+        srv.kill()
+
+
+async def test_password_and_db_from_the_url(pw_server: Throwaway,
+                                            limiters: list[RateLimiter]) -> None:
+    port = pw_server.port
+    good = make(limiters, f"redis://:s3cret@127.0.0.1:{port}/3", cfg("pw:", per_min=5))
+    await good.probe()
+    assert (await good.check(ALICE, None, "embedding")).allowed and good.mode == "redis"
+    assert redis.Redis(port=port, password="s3cret", db=3).exists("pw:embedding:key:alice")
+    bad = make(limiters, f"redis://:wrong@127.0.0.1:{port}/3", cfg("pw:", per_min=5))
+    await bad.probe()
+    assert (await bad.check(ALICE, None, "embedding")).allowed  # locally
+    assert bad.mode == "fallback" and "WRONGPASS" in (bad.circuit.last_error or "")
