@@ -63,7 +63,9 @@ async def auth_client(cfg: Config) -> AsyncIterator[TestClient[web.Request, web.
     daemon = Daemon(cfg)
     state = daemon.build(asyncio.get_running_loop())
     app = build_app(state)
-    async with TestClient(TestServer(app, **cfg.limits.runner_kwargs())) as client:
+    server = TestServer(app)
+    await server.start_server(**cfg.limits.runner_kwargs())  # as the daemon's AppRunner gets
+    async with TestClient(server) as client:
         yield client
     for pool in state.pools.values():
         pool.close(RuntimeError("test over"))
