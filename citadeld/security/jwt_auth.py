@@ -23,6 +23,7 @@ from typing import Any
 
 import aiohttp
 import jwt
+import orjson
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
 from citadeld.security.config import JWTConfig
@@ -35,6 +36,7 @@ _FAMILY = {"RS": "RSA", "PS": "RSA", "ES": "EC"}
 _CACHE_MAX = 4096
 _CACHE_TTL_S = 60.0
 _MAX_TOKEN = 16384
+_MAX_JWKS = 1 << 20  # a key set is a few KB; refuse to buffer an endless answer
 
 
 class TokenRejected(Exception):
@@ -109,7 +111,10 @@ class JWKS:
             async with self._session.get(self.url) as resp:
                 if resp.status != 200:
                     raise ValueError(f"HTTP {resp.status}")
-                data = await resp.json(content_type=None)
+                raw = await resp.content.read(_MAX_JWKS + 1)
+            if len(raw) > _MAX_JWKS:
+                raise ValueError(f"JWKS larger than {_MAX_JWKS} bytes")
+            data = orjson.loads(raw)
             keys = parse_jwks(data, self.cfg.algorithms)
         except Exception as exc:
             self.last_error = f"{type(exc).__name__}: {exc}"
@@ -173,10 +178,12 @@ class JWTVerifier:
             self._cache.pop(token, None)
         if len(token) > _MAX_TOKEN:
             raise TokenRejected("token too long")
+        if not token.isascii():  # header bytes that are not UTF-8 arrive as surrogates
+            raise TokenRejected("malformed token: not ASCII")
         try:
             header = jwt.get_unverified_header(token)
-        except jwt.PyJWTError as exc:
-            raise TokenRejected(f"malformed token: {exc}") from None
+        except Exception as exc:  # PyJWTError, and whatever odd input makes the decoder raise
+            raise TokenRejected(f"malformed token: {type(exc).__name__}") from None
         alg = header.get("alg")
         if not isinstance(alg, str) or alg.lower() == "none":
             raise TokenRejected("unsigned token (alg none)")

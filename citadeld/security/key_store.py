@@ -60,6 +60,7 @@ class KeyStore:
         self.snapshot = Path(state_dir) / "api_keys.json" if state_dir else None
         self._config: dict[str, KeyEntry] = {}
         self._db: dict[str, KeyEntry] = {}
+        self._saved: bytes | None = None  # the snapshot last written
         self._gen = 0  # bumped by every change made through this daemon
         self.loaded_at: float | None = None  # last successful load from PostgreSQL
         self.last_error: str | None = None
@@ -145,10 +146,13 @@ class KeyStore:
     async def _save_snapshot(self) -> None:
         if self.snapshot is None:
             return
-        data = orjson.dumps([_row(e) for e in self._db.values()])
+        data = orjson.dumps(sorted(_row(e) for e in self._db.values()))
+        if data == self._saved:
+            return  # unchanged since the last write: no disk traffic every refresh
         try:
             await asyncio.get_running_loop().run_in_executor(None, _write_private,
                                                              self.snapshot, data)
+            self._saved = data
         except OSError as exc:
             log.warning("cannot write the API key snapshot", extra={
                 "path": str(self.snapshot), "error": str(exc)})

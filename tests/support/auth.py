@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -59,11 +59,17 @@ def config(tmp: Path, keys: list[dict[str, Any]], **sections: Any) -> Config:
 
 
 @asynccontextmanager
-async def auth_client(cfg: Config) -> AsyncIterator[TestClient[web.Request, web.Application]]:
+async def auth_client(cfg: Config, setup: Callable[[web.Application], None] | None = None
+                      ) -> AsyncIterator[TestClient[web.Request, web.Application]]:
+    """`setup` may add routes (as later issues do) before the app starts."""
     daemon = Daemon(cfg)
     state = daemon.build(asyncio.get_running_loop())
     app = build_app(state)
-    async with TestClient(TestServer(app, **cfg.limits.runner_kwargs())) as client:
+    if setup is not None:
+        setup(app)
+    server = TestServer(app)
+    await server.start_server(**cfg.limits.runner_kwargs())  # as the daemon's AppRunner gets
+    async with TestClient(server) as client:
         yield client
     for pool in state.pools.values():
         pool.close(RuntimeError("test over"))

@@ -177,6 +177,14 @@ def test_cors(daemons: tuple[DaemonProc, DaemonProc]) -> None:
     assert "X-Request-ID" in r.headers["Access-Control-Expose-Headers"]
 
 
+def test_connection_limits_reach_the_daemon(daemons: tuple[DaemonProc, DaemonProc]) -> None:
+    a, _ = daemons
+    assert httpx.get(a.url + "/health/live", headers={"X-Big": "a" * 8000},
+                     timeout=10).status_code == 200
+    assert httpx.get(a.url + "/health/live", headers={"X-Big": "a" * 9000},
+                     timeout=10).status_code == 400  # limits.max_field_size 8190
+
+
 def _bound(port: int) -> bool:
     with socket.socket() as s:
         s.settimeout(0.5)

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.e2e.conftest import Fake
-from tests.support.auth import role_keys
+from tests.support.auth import HS_SECRET, ISSUER, role_keys
 from tests.support.daemon import DaemonProc
 
 pytestmark = pytest.mark.e2e
@@ -51,7 +51,8 @@ def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[httpx.Cli
         "embedding": {"default_model": "all-minilm", "max_inputs": 16, "models": {
             "all-minilm": {"backend": "ollama", "dims": 384, "max_context": 256,
                            "timeout_s": 10, "endpoints": [{"url": fake.url}]}}},
-        "auth": {"enabled": True, "api_keys": entries},
+        "auth": {"enabled": True, "api_keys": entries,
+                 "jwt": {"hs256_secret": HS_SECRET, "issuer": ISSUER}},
     }
     d = DaemonProc(cfg, tmp_path_factory.mktemp("fuzz")).start()
     with httpx.Client(base_url=d.url, timeout=30) as client:
@@ -108,3 +109,24 @@ def test_credential_headers(target: tuple[httpx.Client, str], path: str, scheme:
     check(resp, path)
     assert resp.status_code == 401, (header, sent)
     assert resp.headers["WWW-Authenticate"].startswith("Bearer")
+
+
+_seg = st.binary(min_size=1, max_size=40).map(
+    lambda b: bytes(c for c in b if c >= 0x21 and c not in (0x7F, 0x2E))).filter(bool)
+raw_header = (_seg  # shapes the daemon tells apart: a key, a JWT, anything
+              | st.tuples(_seg, _seg, _seg).map(b".".join)
+              | _seg.map(lambda b: b"ck_0123456789ab_" + b))
+
+
+@FUZZ
+@given(path=st.sampled_from(sorted(ROUTES)), value=raw_header, bearer=st.booleans(),
+       header=st.sampled_from(["Authorization", "X-API-Key"]))
+def test_raw_header_bytes(target: tuple[httpx.Client, str], path: str, value: bytes,
+                          bearer: bool, header: str) -> None:
+    """Bytes that are not UTF-8 (obs-text) in credential headers."""
+    client, _ = target
+    sent = (b"Bearer " + value) if bearer and header == "Authorization" else value
+    resp = client.post(path, json={"model": "all-minilm", "input": "x"},
+                       headers={header: sent})
+    check(resp, path)
+    assert resp.status_code == 401

@@ -35,6 +35,7 @@ class IdP:
         self.fetches = 0
         self.fail = False
         self.delay = 0.0
+        self.body: bytes | None = None  # serve this instead of the key set
         self.server: TestServer | None = None
 
     def add(self, kid: str, kind: str = "rsa", publish: bool = True) -> Any:
@@ -61,6 +62,8 @@ class IdP:
             await asyncio.sleep(self.delay)
         if self.fail:
             return web.Response(status=503)
+        if self.body is not None:
+            return web.Response(body=self.body, content_type="application/json")
         return web.json_response(self.jwks())
 
     @property
@@ -248,3 +251,33 @@ async def test_role_claims(idp: IdP) -> None:
     assert (await v2.verify(idp.token("k1", role="superuser"))).role == "user"
     await v.close()
     await v2.close()
+
+
+async def test_bad_jwks_documents_keep_the_known_keys(idp: IdP) -> None:
+    from citadeld.security.jwt_auth import parse_jwks
+    k1 = idp.add("k1")
+    v = verifier(idp, jwks_min_refresh_s=0.05, jwks_cache_s=10)
+    await v.verify(idp.token("k1"))
+    bodies: list[bytes] = [b"not json", b"[]", b'{"keys": "x"}', b"{" + b" " * (2 << 20) + b"}"]
+    for body in bodies:
+        idp.body = body
+        await asyncio.sleep(0.06)
+        assert v.jwks is not None
+        await rejected(v, _with_kid(idp, "zz"), "unknown kid")
+        assert v.jwks.last_error is not None
+        assert (await v.verify(idp.token("k1", sub="still"))).name == "still"
+    # what a key set may not contain: private keys, encryption keys, other key types
+    pub = RSAAlgorithm.to_jwk(k1.public_key(), as_dict=True)
+    private = RSAAlgorithm.to_jwk(k1, as_dict=True)
+    doc = {"keys": [{**private, "kid": "priv"}, {**pub, "kid": "enc", "use": "enc"},
+                    {"kty": "oct", "k": "c2VjcmV0", "kid": "hmac"},
+                    {**pub, "kid": "wrong-alg", "alg": "HS256"}, {"kid": "broken"},
+                    {**pub, "kid": "ok"}]}
+    assert list(parse_jwks(doc, ("RS256", "ES256"))) == ["ok"]
+    await v.close()
+
+
+def _with_kid(idp: IdP, kid: str) -> str:
+    now = int(time.time())
+    return jwt.encode({"sub": "u", "iss": ISS, "aud": AUD, "exp": now + 60}, idp.keys["k1"],
+                      algorithm="RS256", headers={"kid": kid})

@@ -122,3 +122,20 @@ async def test_security_log_lines(tmp_path: Path, caplog: pytest.LogCaptureFixtu
     assert denied.role == "user" and denied.status == 403  # type: ignore[attr-defined]
     text = " ".join(str(r.__dict__) for r in records)
     assert wrong not in text and keys["user"] not in text and keys["user"][16:] not in text
+
+
+async def test_raw_non_utf8_credentials_are_401_not_500(tmp_path: Path) -> None:
+    """Header bytes that are not UTF-8 reach Python as surrogates; PyJWT cannot encode them."""
+    async with client(tmp_path) as (c, keys):
+        host, port = c.server.host, c.server.port
+        for header in (b"Authorization: Bearer eyJ\xff.e30.x", b"Authorization: Bearer \xff",
+                       b"X-API-Key: ck_\xff\xfe", b"Authorization: \xff",
+                       b"X-API-Key: \xc3\xa9.\xc3\xa9.\xc3\xa9",
+                       b"Authorization: Bearer " + keys["user"].encode()[:-1] + b"\xe9"):
+            reader, writer = await asyncio.open_connection(host, port)
+            writer.write(b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
+                         + header + b"\r\nConnection: close\r\n\r\n{}")
+            await writer.drain()
+            status = (await reader.read()).split(b"\r\n", 1)[0]
+            writer.close()
+            assert status == b"HTTP/1.1 401 Unauthorized", (header, status)
