@@ -290,3 +290,57 @@ def test_postgres_restart_under_load_loses_no_audit_row(tmp_path: Path,
     res = chaos_postgres_audit(tmp_path, hash_fake.url, phase_s=2.0, threads=3)
     assert res.answered >= 50, res.line()
     assert res.lost == 0, res.line()
+
+
+def test_per_key_limits_and_audit_principals_with_auth_on(tmp_path: Path,
+                                                         hash_fake: Fake) -> None:
+    """Auth on: each API key has its own bucket (a key's rate_per_min overrides the group's),
+    401s are audited under the client address, rows name the key id and never the secret."""
+    from citadeld.security.keys import generate
+
+    slow_id, slow_key, slow_sha = generate()
+    fast_id, fast_key, fast_sha = generate()
+    admin_id, admin_key, admin_sha = generate()
+    auth = {"enabled": True, "api_keys": [
+        {"id": slow_id, "sha256": slow_sha, "name": "slow", "role": "user", "rate_per_min": 3},
+        {"id": fast_id, "sha256": fast_sha, "name": "fast", "role": "user"},
+        {"id": admin_id, "sha256": admin_sha, "name": "ops", "role": "admin"}]}
+    limits = {"enabled": True, "backend": "local",
+              "embedding": {"per_min": 5, "routes": ["/api/v1/embed"]}}
+    with temp_database() as dsn:
+        d = DaemonProc(config(hash_fake.url, auth=auth, rate_limits=limits, persistence={
+            "dsn": dsn, "flush_interval_s": 0.2}), tmp_path).start(60)
+        try:
+            def embed(key: str | None, rid: str) -> httpx.Response:
+                headers = {"X-Request-ID": rid}
+                if key is not None:
+                    headers["Authorization"] = f"Bearer {key}"
+                return httpx.post(d.url + "/api/v1/embed", json={"text": "k"}, headers=headers)
+
+            tag = uuid.uuid4().hex[:8]
+            slow = [embed(slow_key, f"{tag}-s{i}").status_code for i in range(5)]
+            fast = [embed(fast_key, f"{tag}-f{i}").status_code for i in range(7)]
+            assert slow == [200] * 3 + [429] * 2  # the key's own 3/min
+            assert fast == [200] * 5 + [429] * 2  # the group's 5/min, its own bucket
+            assert embed(None, f"{tag}-anon").status_code == 401
+            pair = Pair(d, d, dsn, "")
+            rows = {r["request_id"]: r for r in pair.wait_rows(
+                "request_id LIKE %s", (f"{tag}-%",), n=13)}
+            assert len(rows) == 13
+            assert {rows[f"{tag}-s{i}"]["principal"] for i in range(5)} == {slow_id}
+            assert rows[f"{tag}-s0"]["role"] == "user"
+            assert rows[f"{tag}-s0"]["detail"] == {"kind": "key", "key_id": slow_id}
+            anon = rows[f"{tag}-anon"]
+            assert (anon["status"], anon["principal"], anon["role"]) == (401, "127.0.0.1", None)
+            everything = "".join(x["whole"] for x in pair.rows("TRUE"))
+            for secret in (slow_key, fast_key, admin_key):
+                assert secret not in everything and secret not in d.logs(settle=0)
+            # the audit API: admins only, in the native dialect
+            r = httpx.get(d.url + "/api/v1/audit", params={"principal": slow_id},
+                          headers={"Authorization": f"Bearer {admin_key}"})
+            assert r.status_code == 200 and len(r.json()["items"]) == 5
+            r = httpx.get(d.url + "/api/v1/audit", headers={"Authorization": f"Bearer {fast_key}"})
+            assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden"
+            assert httpx.get(d.url + "/api/v1/audit").status_code == 401
+        finally:
+            assert d.stop() == 0, d.log_tail()
