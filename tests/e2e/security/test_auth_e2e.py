@@ -211,3 +211,35 @@ def test_insecure_refusal_exits_78_before_binding(tmp_path: Path, hash_fake: Fak
     finally:
         proc.terminate()
         assert proc.wait(30) == 0
+
+
+def test_postgres_outage_keeps_keys_working(tmp_path: Path, hash_fake: Fake) -> None:
+    """PostgreSQL (a throwaway server) stops under a running daemon: known keys keep working,
+    create/revoke say PostgreSQL is unavailable and change nothing; once it is back a revoke
+    works and takes effect at once."""
+    from tests.support.pg import ThrowawayPostgres
+
+    pg = ThrowawayPostgres().start()
+    d = DaemonProc(config(hash_fake, pg.dsn), tmp_path / "d")
+    try:
+        d.start()
+        key = ctl_json(d, "keys", "create", "ci", "--role", "user", "--yes")["key"]
+        pg.stop()
+        assert embed(d, key).status_code == 200
+        time.sleep(1.5)  # a refresh or two fail meanwhile (keys_refresh_s: 1)
+        assert embed(d, key).status_code == 200
+        r = ctl(d, "keys", "create", "other", "--role", "user", "--yes")
+        assert r.returncode == 1 and "PostgreSQL" in r.stderr and "no key was created" in r.stderr
+        r = ctl(d, "keys", "revoke", key[3:15], "--yes")
+        assert r.returncode == 1 and "not revoked" in r.stderr
+        assert embed(d, key).status_code == 200
+        listed = ctl(d, "keys", "list")
+        assert listed.returncode == 0 and "PostgreSQL:" in listed.stdout
+        pg.start()
+        eventually(lambda: ctl(d, "keys", "revoke", key[3:15], "--yes").returncode == 0, 30)
+        assert embed(d, key).status_code == 401
+        assert d.stop() == 0, d.log_tail()
+    finally:
+        if d.proc is not None and d.proc.poll() is None:
+            d.stop()
+        pg.cleanup()
