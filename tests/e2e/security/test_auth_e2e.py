@@ -131,6 +131,20 @@ def test_key_lifecycle_across_two_daemons(daemons: tuple[DaemonProc, DaemonProc]
     assert ctl_json(a, "keys", "list")["keys"][0]["state"] == "revoked"
     missing = ctl(a, "keys", "revoke", "000000000000", "--yes")
     assert missing.returncode == 1 and "no API key" in missing.stderr
+    # bad arguments: usage errors (2) or refusals (1), and no key is created by any of them
+    before = len(ctl_json(a, "keys", "list")["keys"])
+    for args, code, text in ((["--role", "root"], 2, "role must be one of"),
+                             (["--role", "user", "--rate", "fast"], 2, "not a number"),
+                             (["--role", "user", "--rate", "0"], 1, "positive"),
+                             (["--role", "user", "--expires", "soon"], 2, "duration"),
+                             (["--role", "user", "--expires", "2001-01-01"], 1, "in the past"),
+                             (["--role", "user", "--colour", "red"], 2, "unknown argument"),
+                             ([], 2, "missing ROLE")):
+        r = ctl(a, "keys", "create", "x", *args, "--yes")
+        assert r.returncode == code and text in r.stderr, (args, r.returncode, r.stderr)
+    r = ctl(a, "keys", "create", "tab\there", "--role", "user", "--yes")
+    assert r.returncode == 1 and "printable" in r.stderr
+    assert len(ctl_json(a, "keys", "list")["keys"]) == before
 
     # the security log names the key id and the reason, never the secret
     logs = a.logs()
