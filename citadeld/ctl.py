@@ -246,6 +246,18 @@ def r_models(res: dict[str, Any], out: TextIO) -> None:
                                     "slots_alive", "slots", "endpoints", "aliases"], out)
 
 
+def r_keys(res: dict[str, Any], out: TextIO) -> None:
+    keys = res.get("keys") or []
+    if keys:
+        table(keys, ["id", "name", "role", "state", ("rate_per_min", "RATE/MIN"), "expires_at",
+                     "created_at", "source"], out)
+    else:
+        print("(no API keys)", file=out)
+    t = res.get("table") or {}
+    if t.get("last_error"):
+        print(f"\nPostgreSQL: {t['last_error']} (showing the last table loaded)", file=out)
+
+
 def r_simple(fmt: Callable[[dict[str, Any]], str]) -> Callable[[dict[str, Any], TextIO], None]:
     def render(res: dict[str, Any], out: TextIO) -> None:
         print(fmt(res), file=out)
@@ -270,6 +282,7 @@ RENDERERS: dict[str, Callable[[Any, TextIO], None]] = {
                                                          " (was not draining)")),
     "cache flush": r_simple(lambda r: f"flushed {r['flushed']} cached embeddings "
                             f"({r['backend']})"),
+    "keys list": r_keys,
     "keys create": r_simple(lambda r: f"API key {r['id']} ({r['name']}, role {r['role']}"
                             f", expires {r['expires_at'] or 'never'}):\n\n    {r['key']}\n\n"
                             "Store it now: it is shown only once (only its hash is kept)."),

@@ -189,8 +189,8 @@ class KeyStore:
         if role not in ROLES:
             raise KeyStoreError(f"role must be one of {', '.join(ROLES)} (got {role!r})")
         name = name.strip()
-        if not name or len(name) > 200:
-            raise KeyStoreError("name must be 1-200 characters")
+        if not name or len(name) > 200 or not name.isprintable():
+            raise KeyStoreError("name must be 1-200 printable characters")
         if expires_at is not None and expires_at <= time.time():
             raise KeyStoreError("expiry is in the past")
         if rate_per_min is not None and not rate_per_min > 0:

@@ -50,6 +50,10 @@ def install(app: web.Application, state: Any) -> None:
         await keys.start()
         if verifier is not None and verifier.jwks is not None:
             verifier.jwks.start_fetch()  # warm: the first token need not wait for it
+        if keys.persistence is None and not auth_cfg.api_keys and verifier is None:
+            log.warning("authentication is on but nothing can authenticate: no persistence.dsn"
+                        " (for `citadelctl keys create`), no auth.api_keys (`citadeld keygen`)"
+                        " and no auth.jwt source; only the open routes answer")
         log.info("authentication on", extra={
             "api_keys": keys.status(), "jwt": "jwks" if auth_cfg.jwt.jwks_url else
             "hs256" if auth_cfg.jwt.hs256_secret else "off",

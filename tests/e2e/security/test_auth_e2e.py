@@ -131,6 +131,20 @@ def test_key_lifecycle_across_two_daemons(daemons: tuple[DaemonProc, DaemonProc]
     assert ctl_json(a, "keys", "list")["keys"][0]["state"] == "revoked"
     missing = ctl(a, "keys", "revoke", "000000000000", "--yes")
     assert missing.returncode == 1 and "no API key" in missing.stderr
+    # bad arguments: usage errors (2) or refusals (1), and no key is created by any of them
+    before = len(ctl_json(a, "keys", "list")["keys"])
+    for args, code, text in ((["--role", "root"], 2, "role must be one of"),
+                             (["--role", "user", "--rate", "fast"], 2, "not a number"),
+                             (["--role", "user", "--rate", "0"], 1, "positive"),
+                             (["--role", "user", "--expires", "soon"], 2, "duration"),
+                             (["--role", "user", "--expires", "2001-01-01"], 1, "in the past"),
+                             (["--role", "user", "--colour", "red"], 2, "unknown argument"),
+                             ([], 2, "missing ROLE")):
+        r = ctl(a, "keys", "create", "x", *args, "--yes")
+        assert r.returncode == code and text in r.stderr, (args, r.returncode, r.stderr)
+    r = ctl(a, "keys", "create", "tab\there", "--role", "user", "--yes")
+    assert r.returncode == 1 and "printable" in r.stderr
+    assert len(ctl_json(a, "keys", "list")["keys"]) == before
 
     # the security log names the key id and the reason, never the secret
     logs = a.logs()
@@ -211,3 +225,35 @@ def test_insecure_refusal_exits_78_before_binding(tmp_path: Path, hash_fake: Fak
     finally:
         proc.terminate()
         assert proc.wait(30) == 0
+
+
+def test_postgres_outage_keeps_keys_working(tmp_path: Path, hash_fake: Fake) -> None:
+    """PostgreSQL (a throwaway server) stops under a running daemon: known keys keep working,
+    create/revoke say PostgreSQL is unavailable and change nothing; once it is back a revoke
+    works and takes effect at once."""
+    from tests.support.pg import ThrowawayPostgres
+
+    pg = ThrowawayPostgres().start()
+    d = DaemonProc(config(hash_fake, pg.dsn), tmp_path / "d")
+    try:
+        d.start()
+        key = ctl_json(d, "keys", "create", "ci", "--role", "user", "--yes")["key"]
+        pg.stop()
+        assert embed(d, key).status_code == 200
+        time.sleep(1.5)  # a refresh or two fail meanwhile (keys_refresh_s: 1)
+        assert embed(d, key).status_code == 200
+        r = ctl(d, "keys", "create", "other", "--role", "user", "--yes")
+        assert r.returncode == 1 and "PostgreSQL" in r.stderr and "no key was created" in r.stderr
+        r = ctl(d, "keys", "revoke", key[3:15], "--yes")
+        assert r.returncode == 1 and "not revoked" in r.stderr
+        assert embed(d, key).status_code == 200
+        listed = ctl(d, "keys", "list")
+        assert listed.returncode == 0 and "PostgreSQL:" in listed.stdout
+        pg.start()
+        eventually(lambda: ctl(d, "keys", "revoke", key[3:15], "--yes").returncode == 0, 30)
+        assert embed(d, key).status_code == 401
+        assert d.stop() == 0, d.log_tail()
+    finally:
+        if d.proc is not None and d.proc.poll() is None:
+            d.stop()
+        pg.cleanup()
