@@ -22,6 +22,7 @@ from schemathesis.specs.openapi.checks import (
 from tests.e2e.conftest import Fake
 from tests.support.auth import role_keys
 from tests.support.daemon import DaemonProc
+from tests.support.pg import temp_database
 
 pytestmark = pytest.mark.e2e
 
@@ -49,9 +50,11 @@ def daemon(tmp_path_factory: pytest.TempPathFactory, hash_fake: Fake
                            "timeout_s": 10, "endpoints": [{"url": hash_fake.url}]}}},
         "auth": {"enabled": True, "api_keys": entries},
     }
-    d = DaemonProc(cfg, tmp_path_factory.mktemp("schemathesis")).start()
-    yield d, keys
-    assert d.stop() == 0, d.log_tail()
+    with temp_database() as dsn:  # routes that need PostgreSQL (the audit trail) answer too
+        cfg["persistence"] = {"dsn": dsn, "flush_interval_s": 0.2}
+        d = DaemonProc(cfg, tmp_path_factory.mktemp("schemathesis")).start()
+        yield d, keys
+        assert d.stop() == 0, d.log_tail()
 
 
 def _schema(d: DaemonProc, key: str) -> Any:
