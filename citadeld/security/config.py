@@ -193,7 +193,8 @@ class CORSConfig(_Strict):
     allow_credentials: bool = True  # for the listed origins only, never for "*"
     allow_headers: tuple[str, ...] = ("Authorization", "Content-Type", "X-API-Key",
                                       "X-Request-ID")
-    expose_headers: tuple[str, ...] = ("X-Request-ID", "Retry-After", "RateLimit",
+    expose_headers: tuple[str, ...] = ("X-Request-ID", "Retry-After", "RateLimit-Limit",
+                                       "RateLimit-Remaining", "RateLimit-Reset",
                                        "RateLimit-Policy", "X-Citadel-Upstream")
     max_age_s: int = Field(600, ge=0, le=86400)
 
