@@ -347,3 +347,23 @@ def test_per_key_limits_and_audit_principals_with_auth_on(tmp_path: Path,
             assert httpx.get(d.url + "/api/v1/audit").status_code == 401
         finally:
             assert d.stop() == 0, d.log_tail()
+
+
+def test_client_gone_is_audited_as_499(tmp_path: Path) -> None:
+    slow = Fake("ollama", "--fake-vectors", "hash", "--models", "all-minilm")
+    try:
+        slow.fault(latency_ms=3000)
+        with temp_database() as dsn:
+            d = DaemonProc(config(slow.url, persistence={"dsn": dsn, "flush_interval_s": 0.2}),
+                           tmp_path).start(60)
+            try:
+                rid = f"gone-{uuid.uuid4().hex[:8]}"
+                with pytest.raises(httpx.TimeoutException):
+                    httpx.post(d.url + "/api/v1/embed", json={"text": "slow"}, timeout=0.5,
+                               headers={"X-Request-ID": rid})
+                (row,) = Pair(d, d, dsn, "").wait_rows("request_id = %s", (rid,))
+                assert row["status"] == 499 and 300 < row["latency_ms"] < 3000
+            finally:
+                assert d.stop() == 0, d.log_tail()
+    finally:
+        slow.stop()
