@@ -442,8 +442,9 @@ def build_openapi(app_version: str, model_names: list[str], auth: Any = None) ->
     """The whole document; a pure function of its arguments, so equal inputs give equal JSON.
     `auth` (an AuthConfig) adds security schemes and requirements when auth is on."""
     from citadeld.security.openapi import apply as apply_security
+    from citadeld.security.ratelimit_openapi import apply as apply_rate_limits
 
-    return apply_security(_document(app_version, model_names), auth)
+    return apply_security(apply_rate_limits(_document(app_version, model_names)), auth)
 
 
 def _document(app_version: str, model_names: list[str]) -> Json:

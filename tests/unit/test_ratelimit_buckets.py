@@ -159,3 +159,25 @@ def test_config_validation_and_redis_choice() -> None:
     assert redis_url_of(RateLimitsConfig(backend="local"), "redis://c") is None
     assert redis_url_of(RateLimitsConfig(redis_url="redis://r"), "redis://c") == "redis://r"
     assert not Config().rate_limits.enabled  # the embedded default trusts loopback callers
+
+
+def test_openapi_documents_429_on_every_limited_route() -> None:
+    from citadeld import __version__
+    from citadeld.http.openapi import build_openapi
+
+    doc = build_openapi(__version__, ["all-minilm"])
+    limited = exempt = 0
+    for path, item in doc["paths"].items():
+        for op in item.values():
+            ref = op["responses"].get("429", {}).get("$ref", "")
+            if path.startswith(("/health", "/metrics", "/openapi.json", "/docs")):
+                assert not ref.endswith("TooManyRequests"), path
+                exempt += 1
+            else:
+                assert ref.endswith("TooManyRequests"), path
+                limited += 1
+    assert limited > 20 and exempt >= 5
+    resp = doc["components"]["responses"]["OpenAITooManyRequests"]
+    assert {"Retry-After", "RateLimit-Limit", "RateLimit-Remaining", "RateLimit-Reset",
+            "RateLimit-Policy"} <= set(resp["headers"])
+    assert resp["content"]["application/json"]["example"]["error"]["type"] == "rate_limit_error"
