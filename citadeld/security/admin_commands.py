@@ -88,7 +88,8 @@ async def keys_list(ctx: AdminContext, args: dict[str, Any]) -> Any:
     return {"keys": [_public(e.public(now)) for e in store.entries()], "table": store.status()}
 
 
-@command("keys revoke", mutating=True, params=[Param("id", help="the key id (ck_<id>_...)")],
+@command("keys revoke", mutating=True, ask="revoke this API key?",
+         params=[Param("id", help="the key id (ck_<id>_...)")],
          help="revoke an API key: refused at once here, within auth.keys_refresh_s elsewhere")
 async def keys_revoke(ctx: AdminContext, args: dict[str, Any]) -> Any:
     store = _store(ctx)

@@ -101,15 +101,18 @@ class KeyStore:
 
     async def _refresher(self) -> None:
         delay = self.cfg.keys_refresh_s
+        failures = 0
         while True:
             self._wake.clear()  # before reading: a create during the read wakes us again
             try:
                 await self.refresh()
-                delay = self.cfg.keys_refresh_s
+                delay, failures = self.cfg.keys_refresh_s, 0
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                if self.last_error is None:
+                failures += 1
+                # the first tries at start-up may run before the PersistenceActor is up
+                if failures == (1 if self.loaded_at is not None else 3):
                     log.warning("cannot load API keys from PostgreSQL; using the last known "
                                 "table", extra={"error": str(exc)})
                 self.last_error = str(exc)
@@ -135,7 +138,7 @@ class KeyStore:
             return len(self._db)
         self._db = {e.id: e for e in map(_entry, rows)}
         self._publish()
-        if self.last_error is not None:
+        if self.last_error is not None and self.loaded_at is not None:
             log.info("API keys loaded from PostgreSQL again", extra={"keys": len(self._db)})
         self.loaded_at, self.last_error = time.time(), None
         await self._save_snapshot()

@@ -281,3 +281,32 @@ def _with_kid(idp: IdP, kid: str) -> str:
     now = int(time.time())
     return jwt.encode({"sub": "u", "iss": ISS, "aud": AUD, "exp": now + 60}, idp.keys["k1"],
                       algorithm="RS256", headers={"kid": kid})
+
+
+async def test_jwks_tokens_through_the_app(idp: IdP, tmp_path: Any) -> None:
+    """The config wiring: jwks_url, issuer, audience, role claim; the key set is fetched at
+    start-up (warm), rotation works through the middleware, the session closes with the app."""
+    from tests.support.auth import auth_client, config, role_keys
+
+    idp.add("k1")
+    _, entries = role_keys()
+    cfg = config(tmp_path, entries, auth={"jwt": {
+        "jwks_url": idp.url, "issuer": ISS, "audience": [AUD], "jwks_min_refresh_s": 0.1,
+        "role_claim": "org.role", "role_values": {"org:admin": "admin"}}})
+    async with auth_client(cfg) as c:
+        for _ in range(50):
+            if idp.fetches:
+                break
+            await asyncio.sleep(0.02)
+        assert idp.fetches == 1  # fetched at start-up, before any token
+        tok = idp.token("k1", role=None, org={"role": "org:admin"})
+        r = await c.get("/health/detailed", headers={"Authorization": f"Bearer {tok}"})
+        assert r.status == 200
+        idp.add("k2")
+        await asyncio.sleep(0.15)
+        tok = idp.token("k2", role=None, org={"role": "user"})
+        assert (await c.get("/api/tags", headers={"Authorization": f"Bearer {tok}"})).status \
+            == 200
+        r = await c.get("/health/detailed", headers={"Authorization": f"Bearer {tok}"})
+        assert r.status == 403
+        assert idp.fetches == 2
