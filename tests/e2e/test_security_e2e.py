@@ -139,6 +139,11 @@ def test_two_daemons_enforce_one_limit(pair: Pair) -> None:
     assert '"event": "rate_limited"' in log or '"event":"rate_limited"' in log
     detailed = httpx.get(pair.a.url + "/health/detailed").json()
     assert detailed["dependencies"]["rate_limit_redis"]["status"] == "ok"
+    assert detailed["security"]["rate_limits"]["mode"] == "redis"
+    assert detailed["security"]["audit"]["enabled"] and detailed["security"]["audit"][
+        "recorded"] > 0
+    assert not httpx.get(pair.b.url + "/health/detailed").json()["security"]["audit"][
+        "enabled"]  # no PostgreSQL there
 
 
 def test_audit_rows_have_the_fields_and_no_secrets(pair: Pair) -> None:
@@ -270,8 +275,11 @@ def test_redis_stopped_mid_run_falls_back_to_local_buckets(
                     for i in range(30)]
         assert 500 not in statuses and set(statuses) <= {200, 429}, statuses
         assert statuses.count(200) == 25  # the local bucket starts full: 25 more, then 429
-        dep = httpx.get(d.url + "/health/detailed").json()["dependencies"]["rate_limit_redis"]
+        detailed = httpx.get(d.url + "/health/detailed").json()
+        dep = detailed["dependencies"]["rate_limit_redis"]
         assert dep["status"] == "down" and dep["mode"] == "local fallback" and dep["error"]
+        limits = detailed["security"]["rate_limits"]
+        assert limits["mode"] == "fallback" and limits["fallback_checks"] >= 30
         assert "fall back to local buckets" in d.logs()
         srv.start()
         deadline = time.monotonic() + 20
