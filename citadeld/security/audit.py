@@ -34,6 +34,14 @@ ACTION = "http"  # the action of request rows; domain rows (e.g. vectors.store) 
 _UNAUTHENTICATED = Principal(name="", role="", kind="anonymous")
 
 
+def _storable(text: str | None) -> str | None:
+    """Text PostgreSQL and the JSON batch accept: no NUL (a %00 in a URL), no lone surrogate
+    (a JWT subject may carry one); one bad row must never stall the whole trail."""
+    if text is None or (text.isascii() and "\x00" not in text):
+        return text
+    return text.encode("utf-8", "replace").decode("utf-8").replace("\x00", "\ufffd")
+
+
 class AuditTrail:
     def __init__(self, cfg: AuditConfig, persistence: Persistence | None,
                  auth_enabled: bool = False) -> None:
@@ -59,12 +67,8 @@ class AuditTrail:
             p = request.get(PRINCIPAL_KEY)
             if p is None:  # auth refused it (401) or never ran; with auth off: LOCAL
                 p = _UNAUTHENTICATED if self.auth_enabled else LOCAL
-            path = request.path
-            if "\x00" in path:  # %00 in a URL: PostgreSQL text cannot hold NUL
-                path = path.replace("\x00", "\ufffd")
-            name = p.name or request.remote
-            if name and "\x00" in name:
-                name = name.replace("\x00", "\ufffd")
+            path = _storable(request.path)
+            name = _storable(p.name or request.remote)
             now = time.time()
             row: dict[str, Any] = {
                 "at": now - elapsed, "action": ACTION, "target": None, "request_id": rid,

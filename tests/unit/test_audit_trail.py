@@ -75,6 +75,13 @@ def test_exclusions_and_nul() -> None:
     t.request_done(req("GET", "/health"), 200, 0.001, "x")  # "/health/*" is not "/health"
     t.request_done(req("GET", "/api/v1/a\x00b"), 404, 0.001, "y")
     assert [r["path"] for _, r in sink.rows] == ["/health", "/api/v1/a\ufffdb"]
+    # a lone surrogate (a JWT subject may carry one) must not break the JSON batch
+    jwt = Principal("sub-\ud800-x\x00", "user", "jwt")
+    t.request_done(req("GET", "/api/v1/é", principal=jwt), 200, 0.001, "z")
+    row = sink.rows[-1][1]
+    assert row["principal"] == "sub-?-x\ufffd" and row["path"] == "/api/v1/é"
+    from citadeld.actors.persistence import _json_dumps
+    _json_dumps([r for _, r in sink.rows])  # serialisable, as the INSERT needs
 
 
 async def test_big_bodies_are_hashed_off_the_loop() -> None:
