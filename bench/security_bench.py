@@ -152,7 +152,9 @@ def sec1_overhead(args: argparse.Namespace, work: Path) -> Figure:
                 loadgen(d.url + EMBED_PATH, 2, variants[name][1], args.texts)
             runs: dict[str, list[dict[str, Any]]] = {name: [] for name in daemons}
             for rnd in range(args.rounds):
-                for name, d in daemons.items():
+                order = list(daemons.items())
+                order = order[rnd % len(order):] + order[:rnd % len(order)]  # no fixed slot
+                for name, d in order:
                     pid = d.proc.pid if d.proc else 0
                     with CpuMeter([pid]) as cpu:
                         res = loadgen(d.url + EMBED_PATH, args.duration, variants[name][1],
@@ -195,7 +197,8 @@ def sec1_overhead(args: argparse.Namespace, work: Path) -> Figure:
         fig.row(f"{diag} / both off", "-", f"{rps(diag) / rps(off):.2f}", None)
     fig.details += [
         f"generator: bench/loadgen.py -c {CLIENTS} -d {args.duration} (own process), "
-        f"{args.texts} cached texts cycled, {args.rounds} alternating rounds; errors {errors}",
+        f"{args.texts} cached texts cycled, {args.rounds} rounds over the daemons in turn "
+        f"(the order rotates each round); errors {errors}",
         "auth on: one API key from `auth.api_keys` (sha256 looked up in memory) with "
         "`rate_per_min` 1e9 so the diagnostic variant never refuses; audit on: one row per "
         f"request into PostgreSQL (rows written during the run: {audited})",
