@@ -15,6 +15,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from citadeld.llm.config import LLMConfig
+from citadeld.security.config import AuthConfig, CORSConfig, LimitsConfig
+from citadeld.security.ratelimit_audit_config import (
+    AuditConfig,
+    RateLimitsConfig,
+    redact_security,
+)
 from citadeld.storage.config import (
     PersistenceConfig,
     VectorsConfig,
@@ -199,6 +205,11 @@ class Config(_Strict):
     watchdog: WatchdogConfig = WatchdogConfig()
     vectors: VectorsConfig = VectorsConfig()
     persistence: PersistenceConfig = PersistenceConfig()
+    auth: AuthConfig = AuthConfig()
+    cors: CORSConfig = CORSConfig()
+    limits: LimitsConfig = LimitsConfig()
+    rate_limits: RateLimitsConfig = RateLimitsConfig()
+    audit: AuditConfig = AuditConfig()
 
     @model_validator(mode="after")
     def _vector_models(self) -> Config:
@@ -315,6 +326,10 @@ def redact(cfg: Config) -> dict[str, Any]:
         if server.get("api_key"):
             server["api_key"] = "***"
     redact_storage(out)
+    jwt = out["auth"]["jwt"]
+    if jwt.get("hs256_secret"):
+        jwt["hs256_secret"] = "***"
+    redact_security(out)
     url = out["cache"].get("redis_url")
     if url and "@" in url:
         scheme, _, rest = url.partition("://")

@@ -25,6 +25,7 @@ from citadeld import __version__
 from citadeld.admin.client import ClientError, call
 from citadeld.admin.paths import default_socket_path
 from citadeld.admin.protocol import CONFIRMATION_REQUIRED, UNKNOWN_COMMAND, USAGE
+from citadeld.security import audit_cli
 
 EX_OK, EX_FAILED, EX_USAGE, EX_UNAVAILABLE, EX_TEMPFAIL = 0, 1, 2, 69, 75
 DEFAULT_CONFIG = "/etc/citadel/citadel.yaml"
@@ -47,6 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-t", "--timeout", type=float, default=130.0,
                    help="seconds to wait for the answer (default 130)")
     p.add_argument("--version", action="version", version=f"citadelctl {__version__}")
+    audit_cli.add_options(p)
     return p
 
 
@@ -244,6 +246,18 @@ def r_models(res: dict[str, Any], out: TextIO) -> None:
                                     "slots_alive", "slots", "endpoints", "aliases"], out)
 
 
+def r_keys(res: dict[str, Any], out: TextIO) -> None:
+    keys = res.get("keys") or []
+    if keys:
+        table(keys, ["id", "name", "role", "state", ("rate_per_min", "RATE/MIN"), "expires_at",
+                     "created_at", "source"], out)
+    else:
+        print("(no API keys)", file=out)
+    t = res.get("table") or {}
+    if t.get("last_error"):
+        print(f"\nPostgreSQL: {t['last_error']} (showing the last table loaded)", file=out)
+
+
 def r_simple(fmt: Callable[[dict[str, Any]], str]) -> Callable[[dict[str, Any], TextIO], None]:
     def render(res: dict[str, Any], out: TextIO) -> None:
         print(fmt(res), file=out)
@@ -268,7 +282,13 @@ RENDERERS: dict[str, Callable[[Any, TextIO], None]] = {
                                                          " (was not draining)")),
     "cache flush": r_simple(lambda r: f"flushed {r['flushed']} cached embeddings "
                             f"({r['backend']})"),
+    "keys list": r_keys,
+    "keys create": r_simple(lambda r: f"API key {r['id']} ({r['name']}, role {r['role']}"
+                            f", expires {r['expires_at'] or 'never'}):\n\n    {r['key']}\n\n"
+                            "Store it now: it is shown only once (only its hash is kept)."),
+    "keys revoke": r_simple(lambda r: f"revoked {r['id']} ({r['name']}) at {r['revoked_at']}"),
     "models warm": r_simple(lambda r: f"{r['model']} is warm ({r['ms']} ms)"),
+    "audit tail": lambda r, out: audit_cli.render(r, out, header=True),
 }
 
 
@@ -288,22 +308,56 @@ def _ask(question: str) -> bool:
     return answer.strip().lower() in ("y", "yes")
 
 
+_OWN_OPTIONS = frozenset({"--socket", "--config", "--json", "--yes", "--timeout", "--version",
+                          *audit_cli.OWN_OPTIONS,
+                          "--help"})
+
+
+def split_named(argv: Sequence[str]) -> tuple[list[str], dict[str, str]]:
+    """Take a command's own options (``--role admin``, ``--rate=100``) out of argv: they go to
+    the daemon as named arguments, so a new daemon command needs no new citadelctl option."""
+    rest: list[str] = []
+    named: dict[str, str] = {}
+    items = list(argv)
+    i = 0
+    while i < len(items):
+        item = items[i]
+        name, eq, value = item.partition("=")
+        if (item == "--" or not item.startswith("--") or len(item) < 3
+                or name in _OWN_OPTIONS):
+            rest.append(item)
+            i += 1
+            continue
+        key = name[2:].replace("-", "_")
+        if eq:
+            named[key] = value
+        elif i + 1 < len(items) and not items[i + 1].startswith("-"):
+            named[key] = items[i + 1]
+            i += 1
+        else:
+            named[key] = "true"
+        i += 1
+    return rest, named
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_intermixed_args(argv)
+    raw, named = split_named(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_intermixed_args(raw)
     words: list[str] = list(args.words) or ["help"]
     path = socket_path(args)
     out = sys.stdout
     if words == ["version"] and not args.json:
         print(f"citadelctl {__version__}")
+    named.update(audit_cli.named_args(words, args))
     try:
-        answer = call(path, words=words, confirm=args.yes, timeout=args.timeout)
+        answer = call(path, words=words, args=named, confirm=args.yes, timeout=args.timeout)
         err = answer.get("error") or {}
         if (not answer["ok"] and err.get("code") == CONFIRMATION_REQUIRED and err.get("ask")
                 and sys.stdin.isatty() and not args.json):
             if not _ask(err["ask"]):
                 return _fail("not confirmed; nothing done", EX_USAGE)
-            answer = call(path, words=words, confirm=True, timeout=args.timeout)
+            answer = call(path, words=words, args=named, confirm=True, timeout=args.timeout)
     except ClientError as exc:
         return _fail(str(exc), EX_TEMPFAIL if exc.kind == "timeout" else EX_UNAVAILABLE)
     if args.json:
@@ -324,6 +378,10 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     if name == "health" and isinstance(result, dict) and result.get("status") != "ok":
         return EX_FAILED
+    if name == "audit tail" and args.follow:
+        return audit_cli.follow(
+            lambda more: call(path, words=words, args={**named, **more}, timeout=args.timeout),
+            answer, out, args.json)
     return EX_OK
 
 

@@ -121,7 +121,8 @@ class EmbeddingService:
         dimensions: int | None,
     ) -> EmbedOutcome:
         mcfg = self.cfg.models[name]
-        dims = mcfg.dims if dimensions is None else dimensions
+        # JSON Schema's integer admits 356.0; numpy shapes and the cache key need an int
+        dims = mcfg.dims if dimensions is None else int(dimensions)
         if not 1 <= dims <= mcfg.dims:
             raise BadRequest(
                 f"dimensions must be between 1 and {mcfg.dims} for model {name}",

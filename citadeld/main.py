@@ -15,6 +15,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--config", "-c", metavar="FILE", help="YAML config file")
     p.add_argument("--listen", metavar="HOST:PORT", help="override server.listen")
     p.add_argument("--check-config", action="store_true", help="validate the config and exit")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow a non-loopback listen address with authentication off")
     p.add_argument("--version", action="version", version=f"citadeld {__version__}")
     return p
 
@@ -24,6 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["migrate"]:  # `citadeld migrate [--dry-run]`: schema migrations by hand
         from citadeld.migrate import main as migrate_main
         return migrate_main(argv[1:])
+    if argv[:1] == ["keygen"]:  # `citadeld keygen NAME --role R`: a key for auth.api_keys
+        from citadeld.security.keygen import main as keygen_main
+        return keygen_main(argv[1:])
     args = _parser().parse_args(argv)
     overrides = {}
     if args.listen:
@@ -37,6 +42,12 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, overrides=overrides)
     except ConfigError as exc:
         print(f"citadeld: configuration error: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    from citadeld.security.exposure import exposure_problem
+
+    problem = exposure_problem(cfg, args.insecure)
+    if problem is not None:
+        print(f"citadeld: {problem}", file=sys.stderr)
         return EX_CONFIG
     if args.check_config:
         print("configuration ok")

@@ -172,6 +172,7 @@ class Daemon:
         runner = web.AppRunner(
             app, handler_cancellation=True, access_log=None,
             shutdown_timeout=self.cfg.server.drain_timeout_s,
+            **self.cfg.limits.runner_kwargs(),  # header sizes, keep-alive/slow-client timeouts
         )
         await runner.setup()
         host, port = self.cfg.server.host, self.cfg.server.port

@@ -40,6 +40,8 @@ from citadeld.admin.protocol import (
 )
 from citadeld.admin.registry import DEFAULT_TIMEOUT_S, REGISTRY, AdminContext, Registry
 from citadeld.llm import admin_commands as _breakers  # noqa: F401 - registers `breakers ...`
+from citadeld.security import admin_commands as _keys  # noqa: F401 - registers `keys ...`
+from citadeld.security import audit_admin as _audit  # noqa: F401 - registers `audit tail`
 
 if TYPE_CHECKING:
     from citadeld.admin.lifecycle import Lifecycle

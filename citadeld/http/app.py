@@ -25,6 +25,9 @@ from citadeld.http import (
 from citadeld.http.deadlines import Deadlines
 from citadeld.http.errors import dialect_of, error_response
 from citadeld.logs import AccessLog, request_id
+from citadeld.security import after_auth
+from citadeld.security.audit import record_request
+from citadeld.security.wiring import install as install_security
 from citadeld.state import STATE, DaemonState
 
 log = logging.getLogger("citadeld.http")
@@ -148,6 +151,7 @@ async def core_middleware(request: web.Request, handler: Handler) -> web.StreamR
             access.write(rid, {"method": request.method, "path": request.path,
                                "status": status, "ms": round(elapsed * 1000, 2),
                                "remote": request.remote})
+        record_request(request, status, elapsed, rid)
         request_id.reset(token)
     resp.headers["X-Request-ID"] = rid
     return resp
@@ -176,9 +180,11 @@ def build_app(state: DaemonState) -> web.Application:
         client_max_size=state.config.server.max_body_bytes,
     )
     install_core(app, state)
+    install_security(app, state)  # CORS and auth middlewares after core_middleware
     embed_routes.add_routes(app)
     llm_routes.add_routes(app)
     vector_routes.add_routes(app)
     health_routes.add_routes(app)
     docs_routes.add_routes(app)
+    after_auth.install(app, state)  # rate limits and audit: after auth (they need the principal)
     return app

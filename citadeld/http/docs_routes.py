@@ -88,7 +88,9 @@ _CACHE: web.AppKey[_DocsCache] = web.AppKey("citadel_docs_cache", _DocsCache)
 def _documents(app: web.Application) -> tuple[bytes, bytes]:
     cache = app[_CACHE]
     if cache.docs is None:
-        doc = build_openapi(__version__, list(app[STATE].config.embedding.models))
+        config = app[STATE].config
+        doc = build_openapi(__version__, list(config.embedding.models),
+                            getattr(config, "auth", None))
         cache.docs = (orjson.dumps(doc), orjson.dumps(downgrade_to_30(doc)))
     return cache.docs
 

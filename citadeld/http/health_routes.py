@@ -10,6 +10,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from citadeld import __version__
 from citadeld.http.body import json_response
+from citadeld.security import after_auth
 from citadeld.state import STATE, DaemonState
 
 
@@ -76,6 +77,7 @@ async def detailed(request: web.Request) -> web.Response:
     llm = getattr(state, "llm", None)
     if llm is not None:  # LLM servers: breakers, probes, load
         body["llm"] = llm.snapshot()
+    body["security"] = after_auth.snapshot(request.app)  # rate limits: mode; audit: counters
     lag = state.extra.get("loop_lag")
     if lag is not None:
         body["event_loop_lag_ms"] = lag.snapshot()

@@ -431,8 +431,8 @@ async def llm_servers(request: web.Request) -> web.Response:
 
 async def llm_usage(request: web.Request) -> web.Response:
     router: LLMRouter | None = getattr(request.app[STATE], "llm", None)
-    if router is None:
-        return json_response({"currency": None, "rows": []})
+    if router is None:  # the document promises a string: the configured currency
+        return json_response({"currency": request.app[STATE].config.llm.currency, "rows": []})
     return json_response({"currency": router.ledger.currency, "rows": router.ledger.snapshot()})
 
 

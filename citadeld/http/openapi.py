@@ -13,6 +13,7 @@ from typing import Any
 
 from citadeld.http import llm_openapi, schemas, vector_schemas
 from citadeld.http.errors import Dialect, error_body
+from citadeld.security import audit_routes
 
 OPENAPI_VERSION = "3.1.0"
 
@@ -437,8 +438,16 @@ def _paths(model_names: list[str]) -> Json:
     }
 
 
-def build_openapi(app_version: str, model_names: list[str]) -> Json:
-    """The whole document; a pure function of its arguments, so equal inputs give equal JSON."""
+def build_openapi(app_version: str, model_names: list[str], auth: Any = None) -> Json:
+    """The whole document; a pure function of its arguments, so equal inputs give equal JSON.
+    `auth` (an AuthConfig) adds security schemes and requirements when auth is on."""
+    from citadeld.security.openapi import apply as apply_security
+    from citadeld.security.ratelimit_openapi import apply as apply_rate_limits
+
+    return apply_security(apply_rate_limits(_document(app_version, model_names)), auth)
+
+
+def _document(app_version: str, model_names: list[str]) -> Json:
     return {
         "openapi": OPENAPI_VERSION,
         "info": {
@@ -448,10 +457,11 @@ def build_openapi(app_version: str, model_names: list[str]) -> Json:
         },
         "tags": copy.deepcopy(_TAGS),
         "paths": {**_paths(model_names), **llm_openapi.paths(_op, _json_ok, "llama3.2"),
-                  **vector_schemas.openapi_paths(_op, _json_ok, _ref)},
+                  **vector_schemas.openapi_paths(_op, _json_ok, _ref),
+                  **audit_routes.openapi_paths(_op, _json_ok)},
         "components": {
             "schemas": {**_component_schemas(model_names), **llm_openapi.component_schemas(),
-                        **vector_schemas.openapi_schemas()},
+                        **vector_schemas.openapi_schemas(), **audit_routes.openapi_schemas()},
             "responses": _error_responses(),
             "headers": _headers(),
             "parameters": {

@@ -14,10 +14,6 @@ from aiohttp import web
 
 PrincipalKind = Literal["key", "jwt", "anonymous", "local"]
 
-#: request key under which the auth middleware stores the Principal
-PRINCIPAL_KEY = "citadel.principal"
-
-
 @dataclass(frozen=True, slots=True)
 class Principal:
     """``name`` is stable per caller (key id, JWT subject, or the client address)."""
@@ -32,6 +28,10 @@ class Principal:
     def authenticated(self) -> bool:
         return self.kind in ("key", "jwt")
 
+
+#: request key under which the auth middleware stores the Principal (a typed RequestKey: a plain
+#: string key makes aiohttp warn on every request)
+PRINCIPAL_KEY: web.RequestKey[Principal] = web.RequestKey("citadel.principal", Principal)
 
 #: what a request carries when auth is disabled: the operator chose to trust the network
 LOCAL = Principal(name="local", role="admin", kind="local")

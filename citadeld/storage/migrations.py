@@ -123,8 +123,40 @@ CREATE INDEX citadel_vector_outbox_pending_coll ON citadel_vector_outbox (origin
 CREATE INDEX citadel_vector_outbox_done ON citadel_vector_outbox (done_at)
     WHERE status <> 'pending';"""
 
+V2 = """\
+-- API keys (issue 7): only the sha256 of each key is stored; the daemons keep the table in memory
+CREATE TABLE citadel_api_keys (
+    id           text PRIMARY KEY,
+    name         text NOT NULL,
+    role         text NOT NULL CHECK (role IN ('user', 'developer', 'admin')),
+    sha256       text NOT NULL CHECK (sha256 ~ '^[0-9a-f]{64}$'),
+    rate_per_min real CHECK (rate_per_min IS NULL OR rate_per_min > 0),
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    created_by   text,
+    expires_at   timestamptz,
+    revoked_at   timestamptz
+);"""
+
+V3 = """\
+-- request audit trail: one row per HTTP request (action 'http'), besides the domain rows
+ALTER TABLE citadel_audit_log
+    ADD COLUMN principal   text,
+    ADD COLUMN role        text,
+    ADD COLUMN method      text,
+    ADD COLUMN path        text,
+    ADD COLUMN latency_ms  real,
+    ADD COLUMN client      text,
+    ADD COLUMN body_sha256 text;
+-- one index more per request row is all the trail's queries get: they page by id (the primary
+-- key) newest first; by principal is the common question; status and path filter on the way
+CREATE INDEX citadel_audit_log_principal ON citadel_audit_log (principal, id)
+    WHERE principal IS NOT NULL;"""
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "audit, health history, task log, workflow state, vector outbox", V1),
+    Migration(2, "api keys", V2),
+    Migration(3, "request audit trail: principal, role, method, path, latency, client, "
+                 "body hash", V3),
 )
 
 

@@ -43,6 +43,8 @@ sed -e "s/@VERSION@/$version/g" -e "s/@DATE@/$(date -R -u -d "@${SOURCE_DATE_EPO
 install -D -m 0644 "$work/changelog.gz" "$doc/changelog.gz"
 gzip -9n < "$root/docs/operations.md" > "$work/operations.md.gz"
 install -D -m 0644 "$work/operations.md.gz" "$doc/operations.md.gz"
+gzip -9n < "$root/docs/security.md" > "$work/security.md.gz"
+install -D -m 0644 "$work/security.md.gz" "$doc/security.md.gz"
 for f in "$root"/packaging/prometheus/*; do
   install -D -m 0644 "$f" "$doc/examples/prometheus/$(basename "$f")"
 done

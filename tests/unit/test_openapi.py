@@ -29,6 +29,7 @@ from citadeld.http import (
 )
 from citadeld.http.app import build_app
 from citadeld.http.openapi import build_openapi, downgrade_to_30
+from citadeld.security import audit_routes
 from citadeld.state import STATE
 
 MODELS = ["all-minilm", "nomic-embed-text"]
@@ -56,6 +57,7 @@ EXPECTED_ROUTES = {
     ("POST", "/v1/chat/completions"),
     ("POST", "/api/chat"),
     ("POST", "/api/generate"),
+    ("GET", "/api/v1/audit"),
 } | vector_schemas.ROUTES
 ERROR_SCHEMA = {"native": "NativeError", "openai": "OpenAIError", "ollama": "OllamaError"}
 EMBED_ERRORS = {"400", "404", "413", "429", "502", "503", "504"}
@@ -142,6 +144,7 @@ def test_hard_coded_list_equals_routes_the_modules_register() -> None:
     vector_routes.add_routes(app)
     health_routes.add_routes(app)
     docs_routes.add_routes(app)
+    audit_routes.add_routes(app)
     assert _served(app) == EXPECTED_ROUTES
 
 

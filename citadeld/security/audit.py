@@ -1,0 +1,128 @@
+"""The request audit trail: one row per HTTP request into PostgreSQL's ``citadel_audit_log``.
+
+The core middleware calls :func:`record_request` from its ``finally`` block, so every request
+is seen with its final status (errors rendered, timeouts, clients gone: 499). The hot-path cost
+is one dict and one ``deque.append`` into the PersistenceActor's buffer (batched INSERTs, spill
+file during outages, see ``citadeld.actors.persistence``); nothing waits on PostgreSQL.
+
+A row says who (principal, role), what (method, path - never the query string, which may
+carry credentials), the outcome (status, latency), from where (client address), the request id
+and the SHA-256 of the request body as the handler read it (aiohttp keeps the bytes it read; a
+body nobody read, e.g. of a 401 or 413, has no hash). Never the body, never a header.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from citadeld.security.principal import LOCAL, PRINCIPAL_KEY, Principal
+from citadeld.security.ratelimit_audit_config import AuditConfig
+
+if TYPE_CHECKING:
+    from citadeld.actors.persistence import Persistence
+
+log = logging.getLogger("citadeld.audit")
+
+ACTION = "http"  # the action of request rows; domain rows (e.g. vectors.store) keep theirs
+# a request the auth layer refused before naming anyone: recorded under its client address
+_UNAUTHENTICATED = Principal(name="", role="", kind="anonymous")
+
+
+def _storable(text: str | None) -> str | None:
+    """Text PostgreSQL and the JSON batch accept: no NUL (a %00 in a URL), no lone surrogate
+    (a JWT subject may carry one); one bad row must never stall the whole trail."""
+    if text is None or (text.isascii() and "\x00" not in text):
+        return text
+    return text.encode("utf-8", "replace").decode("utf-8").replace("\x00", "\ufffd")
+
+
+class AuditTrail:
+    def __init__(self, cfg: AuditConfig, persistence: Persistence | None,
+                 auth_enabled: bool = False) -> None:
+        self.cfg = cfg
+        self.persistence = persistence
+        self.auth_enabled = auth_enabled
+        self.enabled = cfg.enabled and persistence is not None
+        exact = [p for p in cfg.exclude_paths if not p.endswith("*")]
+        self._exact = frozenset(exact)
+        self._prefixes = tuple(p[:-1] for p in cfg.exclude_paths if p.endswith("*"))
+        self._hashing: set[asyncio.Future[Any]] = set()
+        self.recorded = 0
+        self.failures = 0
+
+    def excluded(self, path: str) -> bool:
+        return path in self._exact or (bool(self._prefixes) and path.startswith(self._prefixes))
+
+    def request_done(self, request: web.Request, status: int, elapsed: float, rid: str) -> None:
+        """From the core middleware's ``finally``: never blocks, never raises."""
+        try:
+            if not self.enabled or self.excluded(request.path):
+                return
+            p = request.get(PRINCIPAL_KEY)
+            if p is None:  # auth refused it (401) or never ran; with auth off: LOCAL
+                p = _UNAUTHENTICATED if self.auth_enabled else LOCAL
+            path = _storable(request.path)
+            name = _storable(p.name or request.remote)
+            now = time.time()
+            row: dict[str, Any] = {
+                "at": now - elapsed, "action": ACTION, "target": None, "request_id": rid,
+                "status": status, "principal": name, "role": p.role or None,
+                "method": request.method, "path": path,
+                "latency_ms": round(elapsed * 1000, 3), "client": request.remote,
+                "body_sha256": None,
+                "detail": {"kind": p.kind, "key_id": p.key_id} if p.key_id else {"kind": p.kind},
+            }
+            body = getattr(request, "_read_bytes", None)  # aiohttp's cache of request.read()
+            if body:
+                if len(body) <= self.cfg.inline_hash_max_bytes:
+                    row["body_sha256"] = hashlib.sha256(body).hexdigest()
+                else:  # hashlib drops the GIL on big inputs: hash in a thread, record then
+                    self._hash_later(row, body)
+                    return
+            self._record(row)
+        except Exception:  # the audit trail must never turn a request into an error
+            self.failures += 1
+            if self.failures in (1, 10, 100) or self.failures % 1000 == 0:
+                log.exception("audit record failed", extra={"failures": self.failures})
+
+    def _record(self, row: dict[str, Any]) -> None:
+        assert self.persistence is not None
+        self.persistence.record("audit", row)
+        self.recorded += 1
+
+    def _hash_later(self, row: dict[str, Any], body: bytes) -> None:
+        fut = asyncio.get_running_loop().run_in_executor(
+            None, lambda: hashlib.sha256(body).hexdigest())
+        self._hashing.add(fut)
+
+        def done(f: asyncio.Future[Any]) -> None:
+            self._hashing.discard(f)
+            row["body_sha256"] = None if f.cancelled() or f.exception() else f.result()
+            self._record(row)
+        fut.add_done_callback(done)
+
+    async def close(self) -> None:
+        """Before persistence closes: let pending body hashes land in the buffer."""
+        if self._hashing:
+            await asyncio.gather(*list(self._hashing), return_exceptions=True)
+            await asyncio.sleep(0)
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"enabled": self.enabled, "recorded": self.recorded, "failures": self.failures,
+                "excluded_paths": list(self.cfg.exclude_paths)}
+
+
+AUDIT_TRAIL: web.AppKey[AuditTrail] = web.AppKey("citadel_audit_trail", AuditTrail)
+
+
+def record_request(request: web.Request, status: int, elapsed: float, rid: str) -> None:
+    """The core middleware's one call: hand the finished request to the audit trail."""
+    trail = request.app.get(AUDIT_TRAIL)
+    if trail is not None:
+        trail.request_done(request, status, elapsed, rid)
