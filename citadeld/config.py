@@ -14,6 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from citadeld.events.config import EventsConfig, resolve_backend
 from citadeld.llm.config import LLMConfig
 from citadeld.storage.config import (
     PersistenceConfig,
@@ -195,12 +196,14 @@ class Config(_Strict):
     watchdog: WatchdogConfig = WatchdogConfig()
     vectors: VectorsConfig = VectorsConfig()
     persistence: PersistenceConfig = PersistenceConfig()
+    events: EventsConfig = EventsConfig()
 
     @model_validator(mode="after")
     def _vector_models(self) -> Config:
         m = self.embedding.models
         check_collection_models(self.vectors, set(m), {a: n for n, c in m.items()
                                                        for a in c.aliases})
+        resolve_backend(self.events, self.cache.redis_url)  # events.backend redis needs a URL
         return self
 
 
