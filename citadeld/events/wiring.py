@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-
 from citadeld.config import Config
 from citadeld.events.config import resolve_backend
 from citadeld.events.hub import BusBase
@@ -11,15 +9,14 @@ from citadeld.events.memory_bus import MemoryBus
 from citadeld.events.metrics import EventMetrics
 from citadeld.metrics import Metrics
 
-log = logging.getLogger("citadeld.events")
-
 
 def build_bus(cfg: Config, metrics: Metrics) -> BusBase:
     """The bus the config asks for (validated already, so a redis backend has its URL).
     Nothing connects here: ``await bus.start()`` on the daemon's loop does."""
     em = EventMetrics(metrics.registry)
     backend, url = resolve_backend(cfg.events, cfg.cache.redis_url)
-    if backend == "redis":  # the Redis Streams bus lands in the next commit
-        log.warning("events: Redis bus not built yet; using the in-process bus",
-                    extra={"redis_url_set": url is not None})
+    if backend == "redis":
+        assert url is not None
+        from citadeld.events.redis_bus import RedisBus
+        return RedisBus(cfg.events, url, em)
     return MemoryBus(cfg.events, em)
