@@ -91,6 +91,8 @@ class Subscription:
         self._ended: BaseException | None = None
         self.gaps = 0
         self.delivered = 0
+        self._history_left = 0  # replayed events still queued after going live
+        self.historic = False  # the last event returned came from history, not live
 
     # -- producer side (the loop's thread, from Hub.dispatch) --------------------------------
 
@@ -123,6 +125,7 @@ class Subscription:
         else:
             self._gap[1], self._gap[2] = last, self._gap[2] + n
         q.clear()
+        self._history_left = 0
         self.gaps += 1
         m = self.hub.metrics
         m.dropped.labels("gap").inc(n)
@@ -173,9 +176,13 @@ class Subscription:
                     return event
                 continue
             if self._gap is not None:
+                self.historic = False
                 return self._emit_gap()
             if self._q:
                 self.delivered += 1
+                self.historic = self._history_left > 0
+                if self.historic:
+                    self._history_left -= 1
                 return self._q.popleft()
             loop = asyncio.get_running_loop()
             self._waiter = loop.create_future()
@@ -194,6 +201,7 @@ class Subscription:
 
     async def _next_replayed(self) -> Event | None:
         """One event of history, or None once the replay has caught up (then we are live)."""
+        self.historic = True
         if self._q:
             self.delivered += 1
             return self._q.popleft()
@@ -218,6 +226,7 @@ class Subscription:
             # caught up; no await between this check and going live, so nothing falls between
             self._replay = False
             self._live = True
+            self._history_left = len(self._q)
         return gap
 
 class Hub:
