@@ -100,9 +100,11 @@ async def frames(ws: aiohttp.ClientWebSocketResponse, n: int, wait_s: float = 5.
 
 
 async def wait_for(cond: Callable[[], bool], wait_s: float = 5.0) -> None:
-    async with asyncio.timeout(wait_s):
-        while not cond():
-            await asyncio.sleep(0.01)
+    for _ in range(int(wait_s / 0.01)):
+        if cond():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition not met in time")
 
 
 # ---- websocket: one workflow -------------------------------------------------------------
