@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 import time
 
-_ID = re.compile(r"^(\d{1,15})-(\d{1,19})$")
+_ID = re.compile(r"([0-9]{1,15})-([0-9]{1,19})")  # ASCII digits only, like Redis
 ZERO = (0, 0)
 
 Key = tuple[int, int]
@@ -14,14 +14,14 @@ Key = tuple[int, int]
 
 def parse_id(value: str) -> Key:
     """``"1732623000000-3"`` -> (1732623000000, 3); ValueError for anything else."""
-    m = _ID.match(value)
+    m = _ID.fullmatch(value)
     if m is None:
         raise ValueError(f"not an event id (expected <ms>-<seq>): {value[:40]!r}")
     return int(m.group(1)), int(m.group(2))
 
 
 def is_id(value: object) -> bool:
-    return isinstance(value, str) and _ID.match(value) is not None
+    return isinstance(value, str) and _ID.fullmatch(value) is not None
 
 
 def format_id(key: Key) -> str:

@@ -66,7 +66,7 @@ def visibility(principal: Principal) -> Accept | None:
 
 
 def check_workflow_id(value: object, param: str = "workflow_id") -> str:
-    if not isinstance(value, str) or not WORKFLOW_ID.match(value):
+    if not isinstance(value, str) or not WORKFLOW_ID.fullmatch(value):
         raise BadRequest(f"{param} must be 1-128 characters of A-Z a-z 0-9 . _ : -",
                          param=param)
     return value
@@ -272,7 +272,7 @@ def _check_message(msg: object) -> str | None:
     if extra:
         return f"unknown field(s): {', '.join(sorted(extra))[:100]}"
     wf = msg.get("workflow_id")
-    if wf is not None and (not isinstance(wf, str) or not WORKFLOW_ID.match(wf)):
+    if wf is not None and (not isinstance(wf, str) or not WORKFLOW_ID.fullmatch(wf)):
         return "workflow_id must be null or 1-128 characters of A-Z a-z 0-9 . _ : -"
     after = msg.get("after")
     if after is not None and (kind != "subscribe" or not is_id(after)):
