@@ -314,8 +314,9 @@ def redact(cfg: Config) -> dict[str, Any]:
         if server.get("api_key"):
             server["api_key"] = "***"
     redact_storage(out)
-    url = out["cache"].get("redis_url")
-    if url and "@" in url:
-        scheme, _, rest = url.partition("://")
-        out["cache"]["redis_url"] = f"{scheme}://***@{rest.split('@', 1)[1]}"
+    for section in ("cache", "events"):
+        url = out[section].get("redis_url")
+        if url and "@" in url:
+            scheme, _, rest = url.partition("://")
+            out[section]["redis_url"] = f"{scheme}://***@{rest.split('@', 1)[1]}"
     return out
