@@ -94,9 +94,10 @@ def _bus(request: web.Request) -> tuple[BusBase, EventsConfig]:
 
 
 def _observe(metrics: EventMetrics, transport: str, sub: Subscription, event: Event) -> None:
-    metrics.delivered.labels(transport).inc()
+    delivered, lag = metrics.transport(transport)
+    delivered.inc()
     if event.type != GAP and not sub.historic:
-        metrics.fanout_lag.labels(transport).observe(max(0.0, time.time() - event.ts))
+        lag.observe(max(0.0, time.time() - event.ts))
 
 
 class _Bucket:
@@ -135,8 +136,8 @@ class WsSession:
         self.done = asyncio.Event()
 
     async def send(self, data: bytes) -> None:
-        async with self._lock:
-            await asyncio.wait_for(self.ws.send_str(data.decode()), self.cfg.send_timeout_s)
+        async with self._lock, asyncio.timeout(self.cfg.send_timeout_s):
+            await self.ws.send_str(data.decode())
 
     async def control(self, kind: str, **fields: Any) -> None:
         await self.send(orjson.dumps({"type": kind, **fields}))
@@ -391,9 +392,11 @@ async def sse(request: web.Request) -> web.StreamResponse:
         it = sub.__aiter__()
         while True:
             try:
-                event = await asyncio.wait_for(it.__anext__(), cfg.heartbeat_s)
+                async with asyncio.timeout(cfg.heartbeat_s):  # no task per event, unlike wait_for
+                    event = await it.__anext__()
             except TimeoutError:
-                await asyncio.wait_for(resp.write(b": ping\n\n"), cfg.send_timeout_s)
+                async with asyncio.timeout(cfg.send_timeout_s):
+                    await resp.write(b": ping\n\n")
                 continue
             except StopAsyncIteration:
                 break
@@ -401,7 +404,8 @@ async def sse(request: web.Request) -> web.StreamResponse:
                 body = orjson.dumps({"type": "error", "code": exc.code, "message": exc.message})
                 await resp.write(b"event: error\ndata: " + body + b"\n\n")
                 break
-            await asyncio.wait_for(resp.write(sse_event(event)), cfg.send_timeout_s)
+            async with asyncio.timeout(cfg.send_timeout_s):
+                await resp.write(sse_event(event))
             _observe(metrics, "sse", sub, event)
             if wf is not None and event.type in TERMINAL:
                 break
