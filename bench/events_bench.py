@@ -183,10 +183,22 @@ async def serve(args: argparse.Namespace) -> None:
             await bus.publish(Event(STEP_FINISHED, wf, {"step_id": f"s{s}"}))
         await bus.publish(Event(RUN_FINISHED, wf, {"result": {"ok": True}}))
 
+    import gc
+    pauses: dict[int, list[float]] = {0: [], 1: [], 2: []}
+    started: list[float] = [0.0]
+
+    def on_gc(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+        else:
+            pauses[info["generation"]].append(time.perf_counter() - started[0])
+    gc.callbacks.append(on_gc)
     t0 = time.perf_counter()
     await asyncio.gather(*(workflow(i) for i in range(args.workflows)))
     took = time.perf_counter() - t0
-    print(f"PUBLISHED {args.workflows * (2 + 2 * args.steps)} {took:.3f}", flush=True)
+    gc.callbacks.remove(on_gc)
+    gcs = ",".join(f"{len(v)}:{max(v, default=0) * 1000:.1f}" for v in pauses.values())
+    print(f"PUBLISHED {args.workflows * (2 + 2 * args.steps)} {took:.3f} {gcs}", flush=True)
     if args.profile:
         await asyncio.sleep(3)
         return
@@ -314,7 +326,7 @@ async def run_bus(args: argparse.Namespace, bus: str) -> dict[str, Any]:
             alls = [asyncio.create_task(watch_ws(session, f"{base}/ws", w_all, False, stop))
                     for _ in range(args.all)]
             published = await asyncio.to_thread(proc.stdout.readline)
-            _, n_pub, pub_s = published.split()
+            _, n_pub, pub_s, gcs = published.split()
             _, pending = await asyncio.wait(tasks, timeout=60)
             await asyncio.sleep(0.5)
             stop.set()
@@ -336,7 +348,7 @@ async def run_bus(args: argparse.Namespace, bus: str) -> dict[str, Any]:
             "p99_all": pct(w_all.lags, 0.99) * 1000,
             "srv_p50": srv_p50 * 1000, "srv_p99": srv_p99 * 1000, "srv_n": srv_n,
             "errors": w_ws.errors + w_sse.errors + w_all.errors,
-            "unfinished": len(pending), "cpu_s": cpu_s,
+            "unfinished": len(pending), "cpu_s": cpu_s, "gc": gcs,
         }
     finally:
         if args.profile:  # it writes its profile and exits by itself
@@ -418,6 +430,8 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace, command: str,
             lines.append(f"- server histogram citadel_event_fanout_lag_seconds "
                          f"({r['srv_n']:.0f} frames): p50 <= {r['srv_p50']:.1f} ms, p99 <= "
                          f"{r['srv_p99']:.1f} ms (bucket bounds)")
+        lines.append(f"- server garbage collections while publishing, per generation "
+                     f"count:longest ms: {r['gc']}")
         lines.append(f"- CPU of the server process: {r['cpu_s']:.2f} s "
                      f"({r['cpu_s'] / max(1, r['frames']) * 1e6:.0f} us per frame delivered)")
         lines.append("")
@@ -479,7 +493,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(r)
         print(f"{bus}: p50 {r['p50']:.1f} ms p99 {r['p99']:.1f} ms max {r['max']:.1f} ms; "
               f"frames {r['frames']}/{r['expected']} gaps {r['gaps']} errors {len(r['errors'])}"
-              f"; server p99 <= {r['srv_p99']:.1f} ms", flush=True)
+              f"; server p99 <= {r['srv_p99']:.1f} ms; gc gen:count:max_ms {r['gc']}", flush=True)
     command = "python bench/events_bench.py " + " ".join(argv if argv is not None
                                                          else sys.argv[1:])
     section = report(rows, args, command.strip(), started, load)

@@ -273,6 +273,27 @@ async def test_slow_consumer_disconnect_policy(serve: Factory) -> None:
     assert bus.metrics.slow_disconnects._value.get() == 1
 
 
+async def test_a_client_that_reads_nothing_is_cut_off(serve: Factory) -> None:
+    """A raw websocket client that never reads: the server's writes stall once the socket
+    buffers are full, and the watchdog aborts the connection after send_timeout_s."""
+    client, bus = await serve(send_timeout_s=0.5, heartbeat_s=60)  # no ping-timeout close
+    assert client.port is not None
+    _reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+    writer.write(b"GET /ws/workflows/wstall HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                 b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+                 b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+    await writer.drain()
+    await wait_for(lambda: bus.hub.count == 1)
+    big = "x" * 65536
+    for i in range(400):  # ~26 MB: more than loopback buffers hold
+        await bus.publish(Event(STEP_STARTED, "wstall", {"i": i, "pad": big}))
+        if bus.hub.count == 0:
+            break
+    await wait_for(lambda: bus.hub.count == 0, wait_s=5)  # cut off, not stuck forever
+    await bus.publish(ev("wstall", 999))  # publishing is unaffected
+    writer.close()
+
+
 async def test_too_many_subscribers_is_503(serve: Factory) -> None:
     client, _ = await serve(max_subscribers=1)
     async with client.get("/api/v1/events") as first:
