@@ -380,3 +380,30 @@ async def test_shutdown_closes_streams_going_away(serve: Factory) -> None:
     assert msg.type is WSMsgType.CLOSE and msg.data == 1001
     await closing
 
+
+
+async def test_history_unreachable_closes_1013_and_sse_says_so() -> None:
+    """Redis down: a new stream that needs history is told to retry, the daemon is fine."""
+    from tests.support.daemon import free_port
+    cfg_opts = {"publish_timeout_s": 0.2, "reconnect_min_s": 0.05, "reconnect_max_s": 0.2}
+    bus = RedisBus(EventsConfig.model_validate(cfg_opts), f"redis://127.0.0.1:{free_port()}/0")
+    await bus.start()
+    state = DaemonState(config=Config.model_validate({"events": cfg_opts}), metrics=Metrics(),
+                        embedding=cast(Any, None), pools={}, cache=cast(Any, None),
+                        health=HealthState(), events=bus)
+    client = TestClient(TestServer(build_app(state)))
+    await client.start_server()
+    try:
+        async with client.ws_connect("/ws/workflows/w1") as ws:
+            msg = await ws.receive(timeout=5)
+            assert msg.type is WSMsgType.CLOSE and msg.data == 1013
+        async with client.get("/api/v1/events?workflow_id=w1") as resp:
+            assert resp.status == 200
+            body = (await resp.content.read()).decode()
+            assert "event: error" in body and '"code":"unavailable"' in body
+        health = await (await client.get("/health")).json()
+        assert health["events"] == "down" and bus.snapshot()["reader"] == "down"
+        assert bus.hub.count == 0
+    finally:
+        await client.close()
+        await bus.close()
