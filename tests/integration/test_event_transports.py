@@ -200,6 +200,27 @@ async def test_ws_all_live_subscribe_unsubscribe_and_bad_messages(serve: Factory
         assert (await frames(ws, 1))[0] == {"type": "pong"}
 
 
+async def test_ws_subscription_limit_and_messages_on_the_workflow_socket(serve: Factory) -> None:
+    client, bus = await serve(ws_max_subscriptions=2)
+    async with client.ws_connect("/ws") as ws:  # the all-events feed is one subscription
+        await ws.send_str('{"type": "subscribe", "workflow_id": "a"}')
+        assert (await frames(ws, 1))[0]["type"] == "subscribed"
+        await ws.send_str('{"type": "subscribe", "workflow_id": "b"}')
+        reply = (await frames(ws, 1))[0]
+        assert reply["code"] == "too_many_subscriptions" and reply["workflow_id"] == "b"
+        await ws.send_str('{"type": "subscribe", "workflow_id": "a", "after": "1-0"}')
+        assert (await frames(ws, 1))[0]["type"] == "subscribed"  # re-subscribing replaces
+        await ws.send_str('{"type": "unsubscribe", "workflow_id": "zzz"}')
+        assert (await frames(ws, 1))[0] == {"type": "unsubscribed", "workflow_id": "zzz",
+                                            "found": False}
+    async with client.ws_connect("/ws/workflows/w") as ws:
+        await ws.send_str('{"type": "ping"}')
+        assert (await frames(ws, 1))[0]["code"] == "unsupported"
+        fin = await bus.publish(ev("w", 0, RUN_FINISHED))
+        assert (await frames(ws, 1))[0]["id"] == fin
+    await wait_for(lambda: bus.hub.count == 0)
+
+
 async def test_ws_oversized_and_too_fast_messages_close_the_socket(serve: Factory) -> None:
     client, _ = await serve(ws_max_message_bytes=256, ws_max_messages_per_s=2)
     async with client.ws_connect("/ws?subscribe=none") as ws:
