@@ -30,7 +30,7 @@ from typing import Any
 import orjson
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from citadeld.errors import BadRequest, CitadelError, Unavailable
+from citadeld.errors import BadRequest, CitadelError, NotFound, Unavailable
 from citadeld.events.config import EventsConfig
 from citadeld.events.hub import Accept, BusBase, SlowConsumer, Subscription
 from citadeld.events.ids import is_id, parse_id
@@ -107,6 +107,16 @@ def _bus(request: web.Request) -> tuple[BusBase, EventsConfig]:
     if bus is None:
         raise Unavailable("the event bus is not running", retry_after=5)
     return bus, state.config.events
+
+
+async def _check_visible(bus: BusBase, workflow_id: str, accept: Accept | None
+                         ) -> Event | None:
+    """The workflow's latest event; 404 when it belongs to someone the caller may not see
+    (a workflow without events yet cannot be told apart and is streamed, filtered)."""
+    last = await bus.last(workflow_id)
+    if last is not None and accept is not None and not accept(last):
+        raise NotFound(f"no workflow {workflow_id!r}", code="workflow_not_found")
+    return last
 
 
 def _observe(metrics: EventMetrics, transport: str, sub: Subscription, event: Event) -> None:
@@ -357,7 +367,8 @@ async def ws_workflow(request: web.Request) -> web.StreamResponse:
     wf = check_workflow_id(request.match_info["workflow_id"], "id")
     after = check_after(request.query.get("after"))
     session = WorkflowWs(request, bus, cfg)
-    session.open(wf, after)  # 400/503 before the upgrade
+    await _check_visible(bus, wf, session.accept)
+    session.open(wf, after)  # 400/404/503 before the upgrade
     try:
         await session.ws.prepare(request)
     except BaseException:
@@ -435,10 +446,10 @@ async def sse(request: web.Request) -> web.StreamResponse:
     after = check_after(header, "Last-Event-ID") if header else check_after(
         request.query.get("after"))
     accept = visibility(principal_of(request))
-    if wf is not None and after is not None:
-        last = await bus.last(wf)
-        if (last is not None and last.type in TERMINAL and last.id is not None
-                and parse_id(last.id) <= parse_id(after)):
+    if wf is not None:
+        last = await _check_visible(bus, wf, accept)
+        if (after is not None and last is not None and last.type in TERMINAL
+                and last.id is not None and parse_id(last.id) <= parse_id(after)):
             return web.Response(status=204)  # finished and seen: EventSource stops here
     sub = bus.subscribe(wf, after, accept)
     resp = web.StreamResponse(status=200, headers=SSE_HEADERS)

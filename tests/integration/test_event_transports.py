@@ -253,10 +253,18 @@ async def test_visibility_by_owner(serve: Factory) -> None:
         shared = await bus.publish(ev("w3", 2))
         assert [f["id"] for f in await frames(wb, 2)] == [mine, shared]
         assert len(await frames(wa, 3)) == 3
-    async with client.ws_connect("/ws/workflows/w2", headers=bob) as ws:
-        await bus.publish(ev("w2", 3, RUN_FINISHED, owner="alice"))
+    async with client.ws_connect("/ws/workflows/w9", headers=bob) as ws:
+        await bus.publish(ev("w9", 3, RUN_FINISHED, owner="alice"))
         with pytest.raises(asyncio.TimeoutError):
             await ws.receive(timeout=0.3)  # nothing of alice's
+    # once the workflow has events, someone else's is not found at all
+    with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+        await client.ws_connect("/ws/workflows/w2", headers=bob)
+    assert info.value.status == 404
+    resp = await client.get("/api/v1/events?workflow_id=w2", headers=bob)
+    assert resp.status == 404 and (await resp.json())["error"]["code"] == "workflow_not_found"
+    async with client.ws_connect("/ws/workflows/w2", headers=admin) as ws:
+        assert (await frames(ws, 1))[0]["workflow_id"] == "w2"
 
 
 async def test_slow_consumer_gets_a_gap_then_skips_ahead(serve: Factory) -> None:
@@ -415,10 +423,14 @@ async def test_history_unreachable_closes_1013_and_sse_says_so() -> None:
     client = TestClient(TestServer(build_app(state)))
     await client.start_server()
     try:
-        async with client.ws_connect("/ws/workflows/w1") as ws:
+        with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+            await client.ws_connect("/ws/workflows/w1")
+        assert info.value.status == 503  # before the upgrade
+        async with client.ws_connect("/ws?after=1-0") as ws:  # resuming all needs history
             msg = await ws.receive(timeout=5)
             assert msg.type is WSMsgType.CLOSE and msg.data == 1013
-        async with client.get("/api/v1/events?workflow_id=w1") as resp:
+        assert (await client.get("/api/v1/events?workflow_id=w1")).status == 503
+        async with client.get("/api/v1/events?after=1-0") as resp:
             assert resp.status == 200
             body = (await resp.content.read()).decode()
             assert "event: error" in body and '"code":"unavailable"' in body
