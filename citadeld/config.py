@@ -14,6 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from citadeld.events.config import EventsConfig, resolve_backend
 from citadeld.llm.config import LLMConfig
 from citadeld.security.config import AuthConfig, CORSConfig, LimitsConfig
 from citadeld.security.ratelimit_audit_config import (
@@ -210,12 +211,14 @@ class Config(_Strict):
     limits: LimitsConfig = LimitsConfig()
     rate_limits: RateLimitsConfig = RateLimitsConfig()
     audit: AuditConfig = AuditConfig()
+    events: EventsConfig = EventsConfig()
 
     @model_validator(mode="after")
     def _vector_models(self) -> Config:
         m = self.embedding.models
         check_collection_models(self.vectors, set(m), {a: n for n, c in m.items()
                                                        for a in c.aliases})
+        resolve_backend(self.events, self.cache.redis_url)  # events.backend redis needs a URL
         return self
 
 
@@ -330,8 +333,9 @@ def redact(cfg: Config) -> dict[str, Any]:
     if jwt.get("hs256_secret"):
         jwt["hs256_secret"] = "***"
     redact_security(out)
-    url = out["cache"].get("redis_url")
-    if url and "@" in url:
-        scheme, _, rest = url.partition("://")
-        out["cache"]["redis_url"] = f"{scheme}://***@{rest.split('@', 1)[1]}"
+    for section in ("cache", "events"):
+        url = out[section].get("redis_url")
+        if url and "@" in url:
+            scheme, _, rest = url.partition("://")
+            out[section]["redis_url"] = f"{scheme}://***@{rest.split('@', 1)[1]}"
     return out

@@ -18,6 +18,7 @@ from citadeld.errors import CitadelError, Unavailable, UpstreamTimeout
 from citadeld.http import (
     docs_routes,
     embed_routes,
+    event_routes,
     health_routes,
     llm_routes,
     vector_routes,
@@ -186,5 +187,6 @@ def build_app(state: DaemonState) -> web.Application:
     vector_routes.add_routes(app)
     health_routes.add_routes(app)
     docs_routes.add_routes(app)
+    event_routes.add_routes(app)
     after_auth.install(app, state)  # rate limits and audit: after auth (they need the principal)
     return app
