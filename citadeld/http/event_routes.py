@@ -523,6 +523,8 @@ def add_routes(app: web.Application) -> None:
     app.on_startup.append(_start_watchdog)
     app.on_shutdown.append(_on_shutdown)
     app.on_cleanup.append(_stop_watchdog)
-    app.router.add_get("/ws", ws_all)
-    app.router.add_get("/ws/workflows/{workflow_id}", ws_workflow)
-    app.router.add_get("/api/v1/events", sse)
+    # no HEAD twins: a stream has no headers-only form, and an SSE answer to HEAD would write
+    # event bytes onto a keep-alive connection that expects the next status line
+    app.router.add_get("/ws", ws_all, allow_head=False)
+    app.router.add_get("/ws/workflows/{workflow_id}", ws_workflow, allow_head=False)
+    app.router.add_get("/api/v1/events", sse, allow_head=False)

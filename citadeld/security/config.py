@@ -85,6 +85,10 @@ DEFAULT_RULES: tuple[RoleRule, ...] = (
     _r("/api/v1/collections*", "developer", "POST", "PUT", "PATCH", "DELETE"),
     # workflows (runs, their events and websockets): users run them
     _r("/api/v1/workflows*", "user"),
+    # live workflow events: SSE and websockets (each caller sees its own; admins all)
+    _r("/api/v1/events", "user", "GET"),
+    _r("/ws", "user", "GET"),
+    _r("/ws/workflows/*", "user", "GET"),
     # the audit trail: admins only
     _r("/api/v1/audit*", "admin"),
     # this API's description and its Swagger UI

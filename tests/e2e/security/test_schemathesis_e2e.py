@@ -62,6 +62,10 @@ def _schema(d: DaemonProc, key: str) -> Any:
     return schemathesis.openapi.from_dict(doc)
 
 
+# live event streams (SSE and websocket upgrades): a valid request's answer does not end
+STREAMS = frozenset({"/api/v1/events", "/ws", "/ws/workflows/{workflow_id}"})
+
+
 def run_operation(op: Any, url: str, key: str, failures: list[str], examples: int) -> None:
     @given(case=op.as_strategy())
     @settings(max_examples=examples, deadline=None, database=None,
@@ -88,6 +92,8 @@ def test_no_5xx_and_no_undocumented_answer(daemon: tuple[DaemonProc, dict[str, s
     operations = 0
     for result in schema.get_all_operations():
         op = result.ok()
+        if op.path in STREAMS:
+            continue  # an answer that never ends; tests/integration/test_event_transports.py
         operations += 1
         run_operation(op, d.url, key, failures, examples)
     assert operations >= 30
