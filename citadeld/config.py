@@ -21,6 +21,7 @@ from citadeld.storage.config import (
     check_collection_models,
     redact_storage,
 )
+from citadeld.workflows.config import WorkflowsConfig
 
 ENV_PREFIX = "CITADEL_"
 EX_CONFIG = 78
@@ -195,6 +196,7 @@ class Config(_Strict):
     watchdog: WatchdogConfig = WatchdogConfig()
     vectors: VectorsConfig = VectorsConfig()
     persistence: PersistenceConfig = PersistenceConfig()
+    workflows: WorkflowsConfig = WorkflowsConfig()
 
     @model_validator(mode="after")
     def _vector_models(self) -> Config:

@@ -346,6 +346,11 @@ class PersistenceActor(SupervisedActor):
             row = await cur.fetchone()
         return int(row[0]) if row else -1
 
+    async def _op_call(self, fn: Callable[[Any], Awaitable[Any]]) -> Any:
+        """Run ``fn(pool)`` on this actor's loop: modules with their own tables (workflows)
+        keep their SQL to themselves and share this pool, its retries and its health."""
+        return await fn(self.pool)
+
     async def _op_workflow_get(self, workflow_id: str) -> dict[str, Any] | None:
         async with self.pool.acquire() as conn, conn.cursor() as cur:
             await cur.execute(
