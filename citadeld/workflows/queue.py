@@ -188,8 +188,8 @@ class RedisClaimer:
             return []
         pipe = self.redis.pipeline(transaction=False)
         for j in jobs:
-            self._renew(keys=[self._lease(j.wid)], args=[self.instance, self.lease_ms],
-                        client=pipe)
+            await self._renew(keys=[self._lease(j.wid)],
+                              args=[self.instance, self.lease_ms], client=pipe)
         renewed = await pipe.execute()
         kept = [j for j, ok in zip(jobs, renewed, strict=True) if ok]
         lost = [j for j, ok in zip(jobs, renewed, strict=True) if not ok]
@@ -205,7 +205,7 @@ class RedisClaimer:
         if job.entry:
             pipe.xack(self.stream, self.GROUP, job.entry)
             pipe.xdel(self.stream, job.entry)
-        self._release(keys=[self._lease(job.wid)], args=[self.instance], client=pipe)
+        await self._release(keys=[self._lease(job.wid)], args=[self.instance], client=pipe)
         await pipe.execute()
 
     async def drop_entry(self, job: Job) -> None:

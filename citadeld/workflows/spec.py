@@ -260,11 +260,11 @@ def as_text(value: Any) -> str:
     return orjson.dumps(value).decode()
 
 
-def validate_params(step_type: str, params: Any, where: str) -> None:
+def validate_params(step_type: str, params: Any, where: str, step: str | None = None) -> None:
     try:
         _VALIDATORS[step_type](params)
     except fastjsonschema.JsonSchemaValueException as exc:
-        raise SpecError(f"{where}: {_schema_msg(exc, 'params')}") from None
+        raise SpecError(f"{where}: {_schema_msg(exc, 'params')}", step=step) from None
 
 
 def parse(body: Any, limits: Limits) -> Spec:
@@ -281,8 +281,10 @@ def parse(body: Any, limits: Limits) -> Spec:
             i = int(path[1])
             raw = body["steps"][i] if i < len(body["steps"]) else {}
             sid = raw.get("id") if isinstance(raw, dict) else None
-            raise SpecError(f"{_label(i, sid if isinstance(sid, str) else None)}: "
-                            f"{_schema_msg(exc, 'step')}", step=sid) from None
+            msg = re.sub(r"^data\.steps\[\d+\]\.?", "", str(exc.message)) or "step"
+            msg = "step " + msg if msg.startswith("must") else msg
+            raise SpecError(f"{_label(i, sid if isinstance(sid, str) else None)}: {msg}",
+                            step=sid) from None
         raise SpecError(_schema_msg(exc, "body"), param=path[0] if path else "steps") from None
     deadline = float(body.get("deadline_s", limits.default_deadline_s))
     if deadline > limits.max_deadline_s:
@@ -338,7 +340,7 @@ def parse(body: Any, limits: Limits) -> Spec:
             if ref_id not in s.depends_on:
                 s.depends_on.append(ref_id)
         validate_params(s.type, _substitute(s.params, lambda r, p: _stand_in(types, r, p)),
-                        where)
+                        where, s.id)
     _check_acyclic(steps)
     return Spec(steps, deadline, body.get("name"), body.get("metadata") or {})
 

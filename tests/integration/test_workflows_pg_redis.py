@@ -1,0 +1,184 @@
+"""Workflow engines against real PostgreSQL and Redis: the accept is durable before the 202,
+a resumed workflow skips the steps recorded as done, and two engines share one queue - each
+workflow runs once, and the jobs of a silent engine are reclaimed by the other."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg2
+import pytest
+
+from citadeld.errors import BadRequest
+from citadeld.security.principal import LOCAL, Principal
+from tests.fakes.ollama import FakeOllama
+from tests.integration.workflow_harness import (
+    REDIS_URL,
+    drop_prefix,
+    llm_config,
+    new_prefix,
+    redis_available,
+    start_node,
+)
+from tests.support.pg import shared_available, temp_database
+
+pytestmark = pytest.mark.skipif(not (shared_available() and redis_available()),
+                                reason="PostgreSQL at 5432 and Redis at 6379 are needed")
+
+
+@pytest.fixture
+def dsn() -> Iterator[str]:
+    with temp_database() as d:
+        yield d
+
+
+@pytest.fixture
+def prefix() -> Iterator[str]:
+    p = new_prefix()
+    yield p
+    drop_prefix(p)
+
+
+@pytest.fixture
+async def fakes() -> AsyncIterator[tuple[FakeOllama, FakeOllama]]:
+    fast = FakeOllama(models=["all-minilm"], chat_models=["llama3.2"], parallel=None,
+                      fake_vectors=True)
+    slow = FakeOllama(models=["all-minilm"], chat_models=["slow-model"], parallel=None,
+                      fake_vectors=True, chunk_delay_ms=150)
+    await fast.start()
+    await slow.start()
+    yield fast, slow
+    await fast.stop()
+    await slow.stop()
+
+
+def q(dsn: str, sql: str, args: Any = None) -> list[tuple[Any, ...]]:
+    conn = psycopg2.connect(dsn, connect_timeout=5)
+    try:
+        with conn, conn.cursor() as cur:
+            cur.execute(sql, args)
+            return cur.fetchall() if cur.description else []
+    finally:
+        conn.close()
+
+
+def two_steps(slow_words: int = 12) -> dict[str, Any]:
+    return {"steps": [
+        {"id": "first", "type": "llm_query", "params": {"model": "llama3.2", "prompt": "hi"}},
+        {"id": "second", "type": "llm_query", "params": {
+            "model": "slow-model",
+            "prompt": " ".join(["w"] * slow_words) + " {{steps.first.output.text}}"}},
+    ]}
+
+
+async def test_accept_is_durable_and_a_new_daemon_runs_it(
+        tmp_path: Path, dsn: str, prefix: str, fakes: tuple[FakeOllama, FakeOllama]) -> None:
+    fast, slow = fakes
+    llm = llm_config(fast.url, slow.url)
+    a = await start_node(tmp_path, dsn=dsn, redis_url=REDIS_URL, prefix=prefix,
+                         instance="a", llm=llm, max_concurrent=1)
+    await a.halt_runner()  # no runner: what is accepted must wait in PostgreSQL and Redis
+    wid = await a.submit(two_steps(2))
+    rows = q(dsn, "SELECT status, owner, steps_total FROM citadel_workflows WHERE id = %s",
+             (wid,))
+    assert rows == [("pending", "local", 2)]  # on disk before submit returned
+    b = await start_node(tmp_path, dsn=dsn, redis_url=REDIS_URL, prefix=prefix,
+                         instance="b", llm=llm)
+    try:
+        rec = await b.wait(wid)
+        assert rec["status"] == "completed" and rec["instance"] == "b", rec
+        assert rec["results"]["second"]["text"].endswith("Echo: hi")
+        row = q(dsn, "SELECT status, steps_done, finished_at IS NOT NULL FROM "
+                     "citadel_workflows WHERE id = %s", (wid,))
+        assert row == [("completed", 2, True)]
+    finally:
+        await a.stop()
+        await b.stop()
+
+
+async def test_resume_skips_done_steps_after_the_holder_dies(
+        tmp_path: Path, dsn: str, prefix: str, fakes: tuple[FakeOllama, FakeOllama]) -> None:
+    fast, slow = fakes
+    llm = llm_config(fast.url, slow.url)
+    a = await start_node(tmp_path, dsn=dsn, redis_url=REDIS_URL, prefix=prefix,
+                         instance="a", llm=llm)
+    wid = await a.submit(two_steps(20))  # the second step streams for ~3 s
+    for _ in range(200):
+        rec = await a.svc.get(wid, LOCAL)
+        if rec["steps"][1]["status"] == "running":
+            break
+        await asyncio.sleep(0.02)
+    assert rec["steps"][0]["status"] == "completed"
+    await a.crash()
+    assert fast.stats.calls["/api/generate"] == 1
+    b = await start_node(tmp_path, dsn=dsn, redis_url=REDIS_URL, prefix=prefix,
+                         instance="b", llm=llm)
+    try:
+        rec = await b.wait(wid, wait_s=30)
+        assert rec["status"] == "completed", rec
+        assert rec["instance"] == "b" and rec["runs"] == 2
+        first, second = rec["steps"]
+        assert first["attempts"] == 1 and second["status"] == "completed"
+        assert fast.stats.calls["/api/generate"] == 1  # the done step was not run again
+        assert slow.stats.calls["/api/generate"] == 2  # the interrupted one was
+        assert int(b.svc.metrics.reclaimed._value.get()) >= 1
+    finally:
+        await b.stop()
+
+
+async def test_two_engines_share_the_queue_each_workflow_runs_once(
+        tmp_path: Path, dsn: str, prefix: str, fakes: tuple[FakeOllama, FakeOllama]) -> None:
+    fast, slow = fakes
+    llm = llm_config(fast.url, slow.url)
+    a = await start_node(tmp_path, dsn=dsn, redis_url=REDIS_URL, prefix=prefix,
+                         instance="a", llm=llm, max_concurrent=4)
+    b = await start_node(tmp_path, dsn=dsn, redis_url=REDIS_URL, prefix=prefix,
+                         instance="b", llm=llm, max_concurrent=4)
+    try:
+        body = {"steps": [{"id": "s", "type": "llm_query",
+                           "params": {"model": "slow-model", "prompt": "one two"}}]}
+        ids = [await (a if i % 2 else b).submit(body) for i in range(16)]
+        recs = [await a.wait(w) for w in ids]
+        assert all(r["status"] == "completed" and r["runs"] == 1 for r in recs)
+        by = {r["instance"] for r in recs}
+        assert by == {"a", "b"}, by  # both claimed work
+        assert slow.stats.calls["/api/generate"] == 16  # nothing ran twice
+        listed = await b.svc.list(LOCAL, "completed", None, 10, 0)
+        assert listed["total"] == 16 and len(listed["workflows"]) == 10
+        assert listed["next_offset"] == 10
+        other = Principal(name="mallory", role="user", kind="key")
+        assert (await b.svc.list(other, None, None, 10, 0))["total"] == 0
+        with pytest.raises(BadRequest):
+            await b.svc.list(LOCAL, "bogus", None, 10, 0)
+    finally:
+        await a.stop()
+        await b.stop()
+
+
+async def test_cancel_reaches_the_holder_on_another_instance(
+        tmp_path: Path, dsn: str, prefix: str, fakes: tuple[FakeOllama, FakeOllama]) -> None:
+    fast, slow = fakes
+    llm = llm_config(fast.url, slow.url)
+    a = await start_node(tmp_path, dsn=dsn, redis_url=REDIS_URL, prefix=prefix,
+                         instance="a", llm=llm)
+    await a.halt_runner()  # a only serves the API
+    b = await start_node(tmp_path, dsn=dsn, redis_url=REDIS_URL, prefix=prefix,
+                         instance="b", llm=llm)
+    try:
+        wid = await a.submit({"steps": [{"id": "s", "type": "llm_query", "params": {
+            "model": "slow-model", "prompt": " ".join(["w"] * 100)}}]})
+        for _ in range(200):
+            if (await a.svc.get(wid, LOCAL))["status"] == "running":
+                break
+            await asyncio.sleep(0.02)
+        out, final = await a.svc.cancel(wid, LOCAL)
+        assert final and out["status"] == "cancelled", out
+        assert out["steps"][0]["status"] == "cancelled"
+        await asyncio.sleep(0.3)
+        assert slow.stats.in_flight == 0  # the upstream stream was aborted
+    finally:
+        await a.stop()
+        await b.stop()
