@@ -6,12 +6,15 @@ from __future__ import annotations
 from aiohttp import web
 
 from citadeld.errors import BadRequest, Unavailable
-from citadeld.http.body import json_response, read_json
+from citadeld.http.body import compile_schema, json_response, read_json
+from citadeld.http.workflow_openapi import component_schemas
 from citadeld.logs import request_id
 from citadeld.security.principal import principal_of
 from citadeld.state import STATE
 from citadeld.workflows.record import public
 from citadeld.workflows.service import WorkflowService
+
+_cancel = compile_schema(component_schemas()["WorkflowCancelRequest"])
 
 
 def _svc(request: web.Request) -> WorkflowService:
@@ -56,7 +59,11 @@ async def list_workflows(request: web.Request) -> web.Response:
 
 async def cancel(request: web.Request) -> web.Response:
     wid = request.match_info["id"]
-    out, final = await _svc(request).cancel(wid, principal_of(request))
+    reason = None
+    if request.body_exists:
+        body = await read_json(request, _cancel)
+        reason = body.get("reason")
+    out, final = await _svc(request).cancel(wid, principal_of(request), reason)
     return json_response(out, status=200 if final else 202)
 
 

@@ -221,9 +221,10 @@ class WorkflowService:
             out["next_offset"] = offset + len(items)
         return out
 
-    async def cancel(self, wid: str, who: Principal, wait_s: float = 3.0
-                     ) -> tuple[dict[str, Any], bool]:
+    async def cancel(self, wid: str, who: Principal, reason: str | None = None,
+                     wait_s: float = 3.0) -> tuple[dict[str, Any], bool]:
         """(state, final): final False while the holder is still stopping it."""
+        why = f"cancelled by {who.name}" + (f": {reason}" if reason else "")
         try:
             rec = self._visible(await self.store.get(wid), who, wid)
             if rec["status"] in TERMINAL:
@@ -236,14 +237,14 @@ class WorkflowService:
             if engine is not None:
                 engine.cancel_threadsafe(wid)
             if rec["status"] == "pending":  # not claimed yet: final at once
-                rec.update(status="cancelled", error="cancelled by request",
-                           cancel_requested=True, finished_at=time.time())
+                rec.update(status="cancelled", error=why, cancel_requested=True,
+                           finished_at=time.time())
                 for st in rec["steps"].values():
                     st["status"] = "cancelled"
                 await self.store.save(rec)
                 self.metrics.finished.labels("cancelled").inc()
                 await self.publish(wid, rec["owner"], ev.RUN_CANCELLED,
-                                   {"status": "cancelled", "error": "cancelled by request"})
+                                   {"status": "cancelled", "error": why})
             deadline = time.monotonic() + wait_s
             while True:
                 cur = await self.store.get(wid) or rec

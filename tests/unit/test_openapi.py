@@ -26,6 +26,8 @@ from citadeld.http import (
     schemas,
     vector_routes,
     vector_schemas,
+    workflow_openapi,
+    workflow_routes,
 )
 from citadeld.http.app import build_app
 from citadeld.http.openapi import build_openapi, downgrade_to_30
@@ -56,7 +58,7 @@ EXPECTED_ROUTES = {
     ("POST", "/v1/chat/completions"),
     ("POST", "/api/chat"),
     ("POST", "/api/generate"),
-} | vector_schemas.ROUTES
+} | vector_schemas.ROUTES | workflow_openapi.ROUTES
 ERROR_SCHEMA = {"native": "NativeError", "openai": "OpenAIError", "ollama": "OllamaError"}
 EMBED_ERRORS = {"400", "404", "413", "429", "502", "503", "504"}
 ANNOTATIONS = {"description", "examples", "title"}
@@ -140,6 +142,7 @@ def test_hard_coded_list_equals_routes_the_modules_register() -> None:
     embed_routes.add_routes(app)
     llm_routes.add_routes(app)
     vector_routes.add_routes(app)
+    workflow_routes.add_routes(app)
     health_routes.add_routes(app)
     docs_routes.add_routes(app)
     assert _served(app) == EXPECTED_ROUTES
@@ -157,7 +160,8 @@ def test_operations(doc: dict[str, Any]) -> None:
             ids.append(op["operationId"])
             assert op["tags"] and set(op["tags"]) <= {"native", "openai", "ollama", "health",
                                                      "docs"}
-            assert "200" in op["responses"], (method, path)
+            # 202 alone for asynchronous submits (workflows)
+            assert {"200", "202"} & set(op["responses"]), (method, path)
             if method == "post":
                 body = op["requestBody"]["content"]["application/json"]
                 assert "$ref" in body["schema"]
