@@ -42,9 +42,8 @@ if str(REPO_ROOT) not in sys.path:
 
 from bench.embed_bench import CpuMeter, fmt_other, machine  # noqa: E402
 from tests.fakes.process import start_fake, stop_fake  # noqa: E402
-from tests.support.daemon import DaemonProc  # noqa: E402
 from tests.support.pg import temp_database  # noqa: E402
-from tests.support.workflow_chaos import daemon_config, kill9_scenario  # noqa: E402
+from tests.support.workflow_chaos import daemon_config, kill9_scenario, start  # noqa: E402
 
 RESULTS = REPO_ROOT / "bench" / "RESULTS.md"
 BEGIN, END = "<!-- workflows:begin -->", "<!-- workflows:end -->"
@@ -173,7 +172,7 @@ def w1(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             cfg["embedding"]["models"]["all-minilm"]["batch"] = {"max_wait_ms": 2,
                                                                 "max_items": 64}
             cfg["embedding"]["models"]["all-minilm"]["queue_cap"] = 100_000
-            d = DaemonProc(cfg, work / "w1").start(ready_timeout=60)
+            d = start(cfg, work / "w1")
             try:
                 seed = httpx.post(d.url + "/api/v1/vectors/store", timeout=30, json={"items": [
                     {"id": f"doc-{k}", "text": f"reference document {k} about topic {k % 7}"}
@@ -255,10 +254,10 @@ def w2(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     prefix = f"citadel-bench:wf:{uuid.uuid4().hex[:8]}:"
     try:
         with temp_database() as dsn:
-            a = DaemonProc(daemon_config(fast, slow, dsn, prefix, "a", max_concurrent=64),
-                           work / "a").start(ready_timeout=60)
-            b = DaemonProc(daemon_config(fast, slow, dsn, prefix, "b", max_concurrent=64),
-                           work / "b").start(ready_timeout=60)
+            a = start(daemon_config(fast, slow, dsn, prefix, "a", max_concurrent=64),
+                      work / "a")
+            b = start(daemon_config(fast, slow, dsn, prefix, "b", max_concurrent=64),
+                      work / "b")
             try:
                 res = kill9_scenario(a, b, n=args.kill_workflows, slow_words=20,
                                      timeout=args.timeout)

@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 
 from tests.support.daemon import DaemonProc
+from tests.support.storage_chaos import wait_vectors_ok
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 TERMINAL = ("completed", "failed", "cancelled")
@@ -47,7 +48,10 @@ def daemon_config(fast_url: str, slow_url: str, dsn: str | None, prefix: str, in
 
 
 def start(config: dict[str, Any], workdir: Path) -> DaemonProc:
-    return DaemonProc(config, workdir).start(ready_timeout=60)
+    """A daemon whose vector store has created its collections (steps may use them)."""
+    d = DaemonProc(config, workdir).start(ready_timeout=60)
+    wait_vectors_ok(d.url)
+    return d
 
 
 def kill_body(slow_words: int) -> dict[str, Any]:
