@@ -38,6 +38,7 @@ from citadeld.workflows.spec import (
     validate_params,
 )
 from citadeld.workflows.steps import StepFailed, classify
+from citadeld.workflows.store import StoreUnavailable
 
 if TYPE_CHECKING:
     from citadeld.workflows.service import WorkflowService
@@ -75,17 +76,22 @@ class Engine:
 
     # ---- thread-safe entry points (called from the daemon's loop) ----------------------------
 
+    def _call(self, fn: Any, *args: Any) -> None:
+        """Schedule on the engine's loop; a no-op once that loop is gone (engine died)."""
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(fn, *args)
+
     def request_stop(self) -> None:
         def stop() -> None:
             self.stop.set()
             self.wake.set()
-        self.loop.call_soon_threadsafe(stop)
+        self._call(stop)
 
     def cancel_threadsafe(self, wid: str) -> None:
-        self.loop.call_soon_threadsafe(self._cancel, wid)
+        self._call(self._cancel, wid)
 
     def poke(self) -> None:
-        self.loop.call_soon_threadsafe(self.wake.set)
+        self._call(self.wake.set)
 
     def abort(self) -> None:
         """The actor died: calls in flight on the daemon's loop must not linger."""
@@ -324,9 +330,25 @@ class Engine:
             final = await self._run_workflow(rec)
         except _Interrupted:
             return
+        except StoreUnavailable as exc:  # no verdict without a record: try again later
+            log.warning("workflow state unavailable; the workflow will be resumed",
+                        extra={"workflow_id": job.wid, "error": str(exc)})
+            if c is None:
+                self.loop.call_later(2.0, self._requeue_local, job.wid)
+            return  # Redis: the entry goes idle and is reclaimed once the lease expires
+        except Exception as exc:  # a bug: fail this workflow clearly, keep the others going
+            log.exception("workflow crashed", extra={"workflow_id": job.wid})
+            try:
+                final = await self._finish(rec, "failed", f"internal error: {exc!r}")
+            except Exception:
+                return
         if final and c is not None:
             with contextlib.suppress(Exception):
                 await c.done(job)
+
+    def _requeue_local(self, wid: str) -> None:
+        with contextlib.suppress(Exception):
+            self.svc.local_put(wid)
 
     def _retry_later(self, job: Job) -> None:
         if not self.stop.is_set():

@@ -182,3 +182,43 @@ async def test_cancel_reaches_the_holder_on_another_instance(
     finally:
         await a.stop()
         await b.stop()
+
+
+async def test_a_crashing_runner_is_restarted_and_resumes(
+        tmp_path: Path, fakes: tuple[FakeOllama, FakeOllama],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Memory mode under a real Supervisor: the runner's engine dies (an injected bug in its
+    claim loop), the supervisor restarts it with backoff, the snapshot shows the restart,
+    and the workflow submitted meanwhile completes."""
+    from citadeld.supervision import Supervisor
+    from citadeld.workflows.runner import Engine
+
+    fast, slow = fakes
+    node = await start_node(tmp_path, dsn=None, redis_url=None, prefix="", instance="m",
+                            llm=llm_config(fast.url, slow.url))
+    await node.halt_runner()  # replaced by a supervised one below
+    real = Engine._claim_loop
+    crashes: list[int] = []
+
+    async def crash_once(self: Engine) -> None:
+        if not crashes:
+            crashes.append(1)
+            await asyncio.sleep(0.2)
+            raise RuntimeError("injected runner bug")
+        await real(self)
+
+    monkeypatch.setattr(Engine, "_claim_loop", crash_once)
+    sup = Supervisor("root", [node.svc.child_spec()], backoff_min=0.05, backoff_max=0.1)
+    await asyncio.wrap_future(sup.start())
+    try:
+        wid = await node.submit({"steps": [{"id": "s", "type": "llm_query",
+                                            "params": {"model": "llama3.2", "prompt": "x"}}]})
+        rec = await node.wait(wid, wait_s=20)
+        assert rec["status"] == "completed", rec
+        snap = sup.snapshot()[0]
+        assert snap["name"] == "workflows" and snap["restarts"] == 1, snap
+        assert "injected runner bug" in snap["last_failure"] and snap["state"] == "running"
+    finally:
+        await node.svc.close()
+        await asyncio.wrap_future(sup.stop())
+        await node.stop()
