@@ -25,9 +25,16 @@ from typing import Any
 
 log = logging.getLogger("citadeld.workflows")
 
+# renew our lease; take it again if it vanished (Redis restarted empty) - only a lease held
+# by another instance means we lost the workflow
 _RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
+local v = redis.call('GET', KEYS[1])
+if v == ARGV[1] then
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+if not v then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
 end
 return 0
 """
