@@ -43,6 +43,9 @@ OUTPUTS: dict[str, dict[str, Any]] = {
 }
 
 _TEXT = {"type": "string", "minLength": 1}
+# texts/items per step: a workflow's whole state (outputs included) is rewritten at each step,
+# so outputs stay small; bulk loads belong to the vector and embedding routes
+MAX_ITEMS = 256
 _OPTIONS = {
     "type": "object", "additionalProperties": False,
     "properties": {
@@ -65,7 +68,7 @@ PARAM_SCHEMAS: dict[str, dict[str, Any]] = {
     "embedding": {
         "type": "object", "additionalProperties": False,
         "properties": {"text": _TEXT, "texts": {"type": "array", "items": _TEXT, "minItems": 1,
-                                                "maxItems": 4096},
+                                                "maxItems": MAX_ITEMS},
                        "model": {"type": "string"}},
         "oneOf": [{"required": ["text"]}, {"required": ["texts"]}],
     },
@@ -81,9 +84,11 @@ PARAM_SCHEMAS: dict[str, dict[str, Any]] = {
     "vector_store": {
         "type": "object", "additionalProperties": False,
         "properties": {"collection": {"type": "string"}, "model": {"type": "string"},
-                       "items": {"type": "array", "items": _ITEM, "minItems": 1},
+                       "items": {"type": "array", "items": _ITEM, "minItems": 1,
+                                 "maxItems": MAX_ITEMS},
                        "id": {"type": ["string", "integer"]}, "text": _TEXT,
-                       "texts": {"type": "array", "items": _TEXT, "minItems": 1},
+                       "texts": {"type": "array", "items": _TEXT, "minItems": 1,
+                                 "maxItems": MAX_ITEMS},
                        "vector": {"type": "array", "items": {"type": "number"}, "minItems": 1},
                        "metadata": {"type": "object"}},
         "oneOf": [{"required": ["items"]}, {"required": ["text"]}, {"required": ["texts"]},

@@ -88,7 +88,7 @@ class Executors:
     async def _embedding(self, p: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
         texts = p["texts"] if "texts" in p else [p["text"]]
         out = await self.embedding.embed(p.get("model"), texts)
-        vectors = [[round(float(x), 7) for x in v] for v in out.vectors]
+        vectors = out.vectors.astype("float64").round(7).tolist()  # numpy: no Python loop
         return {"model": out.model, "dims": int(out.vectors.shape[1]), "count": len(vectors),
                 "vectors": vectors, "vector": vectors[0]}
 
