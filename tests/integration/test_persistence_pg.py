@@ -101,7 +101,8 @@ async def test_daemons_starting_together_migrate_once(tmp_path: Path, dsn: str) 
     async with persistence(tmp_path / "a", dsn) as a, persistence(tmp_path / "b", dsn) as b:
         results = await asyncio.gather(a.probe(), b.probe())
         assert results == [True, True]
-    assert q(dsn, "SELECT count(*) FROM citadel_schema_migrations") == [(1,)]
+    assert q(dsn, "SELECT count(*) FROM citadel_schema_migrations") == [
+        (len(migrations.MIGRATIONS),)]
 
 
 # ---- rows, retention, outbox, workflow ---------------------------------------------------
