@@ -14,6 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from citadeld.events.config import EventsConfig, resolve_backend
 from citadeld.llm.config import LLMConfig
 from citadeld.storage.config import (
     PersistenceConfig,
@@ -197,12 +198,14 @@ class Config(_Strict):
     vectors: VectorsConfig = VectorsConfig()
     persistence: PersistenceConfig = PersistenceConfig()
     workflows: WorkflowsConfig = WorkflowsConfig()
+    events: EventsConfig = EventsConfig()
 
     @model_validator(mode="after")
     def _vector_models(self) -> Config:
         m = self.embedding.models
         check_collection_models(self.vectors, set(m), {a: n for n, c in m.items()
                                                        for a in c.aliases})
+        resolve_backend(self.events, self.cache.redis_url)  # events.backend redis needs a URL
         return self
 
 
@@ -313,8 +316,9 @@ def redact(cfg: Config) -> dict[str, Any]:
         if server.get("api_key"):
             server["api_key"] = "***"
     redact_storage(out)
-    url = out["cache"].get("redis_url")
-    if url and "@" in url:
-        scheme, _, rest = url.partition("://")
-        out["cache"]["redis_url"] = f"{scheme}://***@{rest.split('@', 1)[1]}"
+    for section in ("cache", "events"):
+        url = out[section].get("redis_url")
+        if url and "@" in url:
+            scheme, _, rest = url.partition("://")
+            out[section]["redis_url"] = f"{scheme}://***@{rest.split('@', 1)[1]}"
     return out

@@ -29,6 +29,7 @@ from citadeld.admin.lifecycle import Lifecycle
 from citadeld.config import Config, EndpointConfig, ModelConfig
 from citadeld.embedding import EmbeddingService
 from citadeld.errors import Unavailable
+from citadeld.events.wiring import build_bus
 from citadeld.health import HealthActor, HealthState, endpoint_probes
 from citadeld.http.app import build_app
 from citadeld.llm.wiring import build_llm
@@ -162,6 +163,7 @@ class Daemon:
         self.state = DaemonState(
             config=cfg, metrics=metrics, embedding=service, pools=pools, cache=cache,
             health=health, supervisor=self.supervisor, llm=llm, storage=storage,
+            events=build_bus(cfg, metrics),
         )
         storage.attach(service)
         if cfg.workflows.enabled:
@@ -195,6 +197,8 @@ class Daemon:
         if not await self.lifecycle.start():
             await runner.cleanup()
             return EX_UNAVAILABLE
+        assert state.events is not None
+        await state.events.start()  # the Redis reader task (if any) runs on this loop
         started = self.supervisor.start()
         assert state.storage is not None
         state.storage.start()
@@ -231,6 +235,8 @@ class Daemon:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(asyncio.wrap_future(stopping), 15)
         await state.cache.close()
+        if state.events is not None:
+            await state.events.close()  # after the drain: workflows published until the end
         await self.lifecycle.stop()
         log.info("stopped", extra={"drain_s": round(time.monotonic() - t0, 3),
                                    "exit_code": self.exit_code})

@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from citadeld.actors.embedder_pool import EmbedderPool
     from citadeld.config import Config
     from citadeld.embedding import EmbeddingService
+    from citadeld.events.hub import BusBase
     from citadeld.health import HealthState
     from citadeld.llm.router import LLMRouter
     from citadeld.metrics import Metrics
@@ -34,6 +35,7 @@ class DaemonState:
     extra: dict[str, Any] = field(default_factory=dict)
     llm: LLMRouter | None = None  # None when no LLM servers are configured
     storage: Storage | None = None  # vector store + persistence (issue 4)
+    events: BusBase | None = None  # workflow event bus (issue 5); always set by the daemon
 
 
 STATE: web.AppKey[DaemonState] = web.AppKey("citadel_state", DaemonState)

@@ -16,6 +16,7 @@ from citadeld.errors import CitadelError, Unavailable, UpstreamTimeout
 from citadeld.http import (
     docs_routes,
     embed_routes,
+    event_routes,
     health_routes,
     llm_routes,
     vector_routes,
@@ -116,4 +117,5 @@ def build_app(state: DaemonState) -> web.Application:
     workflow_routes.add_routes(app)
     health_routes.add_routes(app)
     docs_routes.add_routes(app)
+    event_routes.add_routes(app)
     return app

@@ -33,6 +33,10 @@ def summary(state: DaemonState) -> dict[str, Any]:
     storage = getattr(state, "storage", None)  # vectors/persistence: ok|down|disabled
     if storage is not None and status == "ok" and storage.degraded():
         status = "degraded"
+    events = getattr(state, "events", None)  # the workflow event bus (Redis or in-process)
+    events_status = events.snapshot()["status"] if events is not None else None
+    if events_status == "down" and status == "ok":
+        status = "degraded"
     return {
         "status": status,
         "ready": is_ready(state),
@@ -41,6 +45,7 @@ def summary(state: DaemonState) -> dict[str, Any]:
         "models": {k: "ok" if v else "down" for k, v in models.items()},
         "cache": cache["status"] if cache else "unknown",
         **(storage.summary() if storage is not None else {}),
+        **({"events": events_status} if events_status is not None else {}),
     }
 
 
@@ -82,6 +87,9 @@ async def detailed(request: web.Request) -> web.Response:
     workflows = state.extra.get("workflows")
     if workflows is not None:  # runner, queue and store mode
         body["workflows"] = workflows.snapshot()
+    events = getattr(state, "events", None)
+    if events is not None:  # workflow event bus: backend, Redis reader/publish, buffer
+        body["events"] = events.snapshot()
     return json_response(body)
 
 

@@ -11,7 +11,13 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from citadeld.http import llm_openapi, schemas, vector_schemas, workflow_openapi
+from citadeld.http import (
+    event_openapi,
+    llm_openapi,
+    schemas,
+    vector_schemas,
+    workflow_openapi,
+)
 from citadeld.http.errors import Dialect, error_body
 
 OPENAPI_VERSION = "3.1.0"
@@ -449,11 +455,13 @@ def build_openapi(app_version: str, model_names: list[str]) -> Json:
         "tags": copy.deepcopy(_TAGS),
         "paths": {**_paths(model_names), **llm_openapi.paths(_op, _json_ok, "llama3.2"),
                   **vector_schemas.openapi_paths(_op, _json_ok, _ref),
-                  **workflow_openapi.paths(_op, _json_ok, _ref)},
+                  **workflow_openapi.paths(_op, _json_ok, _ref),
+                  **event_openapi.paths(_op, _ref)},
         "components": {
             "schemas": {**_component_schemas(model_names), **llm_openapi.component_schemas(),
                         **vector_schemas.openapi_schemas(),
-                        **workflow_openapi.component_schemas()},
+                        **workflow_openapi.component_schemas(),
+                        **event_openapi.component_schemas()},
             "responses": _error_responses(),
             "headers": _headers(),
             "parameters": {
