@@ -4,11 +4,14 @@ down, bad input, and kill -9 of one of two daemons mid-workflow (0 workflows los
 
 from __future__ import annotations
 
+import asyncio
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import httpx
 import pytest
 
@@ -90,6 +93,55 @@ EXAMPLE = {"name": "summarise-a-document", "steps": [
 ]}
 
 
+def sse_events(d: DaemonProc, wid: str) -> list[dict[str, Any]]:
+    """One workflow's events over SSE: from its retained beginning to its terminal event."""
+    out = []
+    with httpx.stream("GET", f"{d.url}/api/v1/events", params={"workflow_id": wid},
+                      timeout=15) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith(
+            "text/event-stream")
+        for line in r.iter_lines():
+            if line.startswith("data:"):
+                out.append(json.loads(line[5:]))
+    return out
+
+
+def ws_events(d: DaemonProc, wid: str) -> list[dict[str, Any]]:
+    async def run() -> list[dict[str, Any]]:
+        out = []
+        async with aiohttp.ClientSession() as s, s.ws_connect(
+                f"{d.url}/ws/workflows/{wid}", timeout=aiohttp.ClientWSTimeout(ws_close=5)
+        ) as ws:
+            async for msg in ws:
+                if msg.type == aiohttp.WSMsgType.TEXT:
+                    out.append(json.loads(msg.data))
+        return out
+    return asyncio.run(asyncio.wait_for(run(), 15))
+
+
+def check_example_events(events: list[dict[str, Any]], answer: str) -> None:
+    types = [e["type"] for e in events]
+    assert types[:2] == ["STATE_SNAPSHOT", "RUN_STARTED"], types  # pending on submit
+    assert events[0]["snapshot"]["status"] == "pending"
+    assert types[-1] == "RUN_FINISHED", types
+    for step in ("store", "embed", "search", "summarise"):
+        started = [i for i, e in enumerate(events)
+                   if e["type"] == "STEP_STARTED" and e["step_id"] == step]
+        finished = [i for i, e in enumerate(events)
+                    if e["type"] == "STEP_FINISHED" and e["step_id"] == step]
+        assert len(started) == len(finished) == 1 and started[0] < finished[0], step
+    order = {e["step_id"]: i for i, e in enumerate(events) if e["type"] == "STEP_FINISHED"}
+    first_search = next(i for i, e in enumerate(events)
+                        if e["type"] == "STEP_STARTED" and e["step_id"] == "search")
+    assert order["store"] < first_search and order["embed"] < first_search  # the DAG held
+    deltas = [e["delta"] for e in events if e["type"] == "TEXT_MESSAGE_CONTENT"]
+    assert len(deltas) > 1 and "".join(deltas) == answer
+    snap = [e for e in events if e["type"] == "STATE_SNAPSHOT"][-1]
+    assert snap["snapshot"]["status"] == "completed"
+    assert {e["workflow_id"] for e in events} == {events[0]["workflow_id"]}
+    assert len({e["id"] for e in events}) == len(events)
+
+
 def test_original_example_end_to_end(wfd: DaemonProc) -> None:
     r = submit(wfd, EXAMPLE)
     assert r.status_code == 202, r.text
@@ -113,6 +165,39 @@ def test_original_example_end_to_end(wfd: DaemonProc) -> None:
         in metrics
     actors = httpx.get(wfd.url + "/health/detailed").json()["actors"]
     assert any(a["name"] == "workflows" and a["state"] == "running" for a in actors)
+    answer = rec["results"]["summarise"]["text"]
+    check_example_events(sse_events(wfd, wid), answer)  # the finished run, replayed
+    check_example_events(ws_events(wfd, wid), answer)
+
+
+def test_example_events_live_over_sse_and_websocket(wfd: DaemonProc) -> None:
+    """Subscribed before the run starts: both transports deliver the whole run live."""
+    import concurrent.futures
+
+    body = json.loads(json.dumps(EXAMPLE))
+    body["steps"][3]["params"]["model"] = "slow-model"  # ~1 s of deltas
+    wid = submit(wfd, body).json()["id"]
+
+    async def hang_up_early() -> int:  # a watcher that leaves mid-run: the workflow goes on
+        async with aiohttp.ClientSession() as s, s.ws_connect(
+                f"{wfd.url}/ws/workflows/{wid}") as ws:
+            got = 0
+            async for _ in ws:
+                got += 1
+                if got == 3:
+                    break
+            return got
+
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        sse = pool.submit(sse_events, wfd, wid)
+        ws = pool.submit(ws_events, wfd, wid)
+        early = pool.submit(asyncio.run, hang_up_early())
+        assert early.result(15) == 3
+        rec = wait(wfd, wid)
+        assert rec["status"] == "completed", rec
+        answer = rec["results"]["summarise"]["text"]
+        check_example_events(sse.result(20), answer)
+        check_example_events(ws.result(20), answer)
 
 
 def test_cancel_during_a_streaming_step(wfd: DaemonProc, slow: Fake) -> None:
