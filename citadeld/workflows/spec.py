@@ -393,6 +393,9 @@ def resolve(params: dict[str, Any], outputs: dict[str, Any]) -> dict[str, Any]:
             raise ReferenceError_(f"step {step_id!r} has no output yet")
         value: Any = outputs[step_id]
         walked = [step_id, "output"]
+        if path[:1] == ["vector"] and isinstance(value, dict) and "vector" not in value \
+                and value.get("vectors"):
+            path = ["vectors", "0", *path[1:]]  # an embedding's first vector, stored once
         for p in path:
             walked.append(p)
             if isinstance(value, dict) and p in value:

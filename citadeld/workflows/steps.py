@@ -88,9 +88,11 @@ class Executors:
     async def _embedding(self, p: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
         texts = p["texts"] if "texts" in p else [p["text"]]
         out = await self.embedding.embed(p.get("model"), texts)
-        vectors = out.vectors.astype("float64").round(7).tolist()  # numpy: no Python loop
+        # 6 decimals (abs error <= 5e-7 on unit vectors) keep the recorded state small; the
+        # first vector is not stored twice: "vector" resolves to vectors.0 (spec.resolve)
+        vectors = out.vectors.astype("float64").round(6).tolist()  # numpy: no Python loop
         return {"model": out.model, "dims": int(out.vectors.shape[1]), "count": len(vectors),
-                "vectors": vectors, "vector": vectors[0]}
+                "vectors": vectors}
 
     async def _vector_search(self, p: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
         res = await self.storage.service.search(
