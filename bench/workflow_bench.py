@@ -143,14 +143,19 @@ async def _submit_all(url: str, n: int, concurrency: int) -> tuple[list[str], di
 def _collect(url: str, ids: set[str], timeout: float) -> list[dict[str, Any]]:
     """Wait until every id is final; return their list summaries (server timestamps)."""
     deadline = time.monotonic() + timeout
+    errors: list[int] = []
     with httpx.Client(base_url=url, timeout=30) as c:
         while time.monotonic() < deadline:
             done: dict[str, dict[str, Any]] = {}
             for status in ("completed", "failed", "cancelled"):
                 offset = 0
                 while True:
-                    page = c.get("/api/v1/workflows", params={
-                        "status": status, "limit": 500, "offset": offset}).json()
+                    r = c.get("/api/v1/workflows", params={
+                        "status": status, "limit": 500, "offset": offset})
+                    if r.status_code != 200:  # e.g. 503 while PostgreSQL is saturated
+                        errors.append(r.status_code)
+                        break
+                    page = r.json()
                     for w in page["workflows"]:
                         if w["id"] in ids:
                             done[w["id"]] = w

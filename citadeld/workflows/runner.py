@@ -316,26 +316,32 @@ class Engine:
 
     async def _execute(self, job: Job) -> None:
         c = self.claimer
-        if c is not None:
-            wait_ms = await c.acquire(job.wid)
-            if wait_ms:  # another live holder, or a dead one's lease not expired yet
-                self.loop.call_later(wait_ms / 1000 + 0.05, self._retry_later, job)
-                return
-        rec = await self.on_front(self.svc.store.get(job.wid, fresh=True))
-        if rec is None or rec["status"] in TERMINAL:
+        try:
             if c is not None:
-                await c.done(job)
+                wait_ms = await c.acquire(job.wid)
+                if wait_ms:  # another live holder, or a dead one's lease not expired yet
+                    self.loop.call_later(wait_ms / 1000 + 0.05, self._retry_later, job)
+                    return
+            rec = await self.on_front(self.svc.store.get(job.wid, fresh=True))
+            if rec is None or rec["status"] in TERMINAL:
+                if c is not None:
+                    await c.done(job)
+                return
+        except (StoreUnavailable, OSError, ConnectionError) as exc:
+            self._unavailable(job, exc)
             return
+        except Exception as exc:
+            if type(exc).__module__.startswith("redis"):  # Redis away: reclaimed later
+                self._unavailable(job, exc)
+                return
+            raise
         try:
             final = await self._run_workflow(rec)
         except _Interrupted:
             return
         except StoreUnavailable as exc:  # no verdict without a record: try again later
-            log.warning("workflow state unavailable; the workflow will be resumed",
-                        extra={"workflow_id": job.wid, "error": str(exc)})
-            if c is None:
-                self.loop.call_later(2.0, self._requeue_local, job.wid)
-            return  # Redis: the entry goes idle and is reclaimed once the lease expires
+            self._unavailable(job, exc)
+            return
         except Exception as exc:  # a bug: fail this workflow clearly, keep the others going
             log.exception("workflow crashed", extra={"workflow_id": job.wid})
             try:
@@ -345,6 +351,14 @@ class Engine:
         if final and c is not None:
             with contextlib.suppress(Exception):
                 await c.done(job)
+
+    def _unavailable(self, job: Job, exc: BaseException) -> None:
+        """State or queue unreachable: the workflow keeps its durable state and is picked up
+        again - locally after a pause, with Redis when its idle entry is reclaimed."""
+        log.warning("workflow state unavailable; the workflow will be resumed",
+                    extra={"workflow_id": job.wid, "error": str(exc)})
+        if self.claimer is None:
+            self.loop.call_later(2.0, self._requeue_local, job.wid)
 
     def _requeue_local(self, wid: str) -> None:
         with contextlib.suppress(Exception):

@@ -324,8 +324,12 @@ class WorkflowStore:
                     return int(cur.rowcount)
             n: int = await self.pg.call("call", run)
             return n
+        import time
+        if self.redis is not None:  # Redis only: states expire by TTL; trim the list index
+            removed: int = await self.redis.zremrangebyscore(
+                f"{self.prefix}index", 0, time.time() - self.retention_s - 86_400)
+            return removed
         if self.redis is None:
-            import time
             cutoff = time.time() - self.retention_s
             with self._mem_lock:
                 old = [k for k, v in self._mem.items()
