@@ -33,6 +33,7 @@ class WorkflowsConfig(BaseModel):
     retention_days: float = Field(30.0, ge=0)  # finished workflows; 0 keeps them forever
     list_max_limit: int = Field(500, ge=1, le=10_000)
     max_text_deltas: int = Field(10_000, ge=0)  # TEXT_MESSAGE_CONTENT events per llm step
+    text_delta_interval_ms: float = Field(25.0, ge=0)  # chunks closer than this share one event
 
     @model_validator(mode="after")
     def _shape(self) -> WorkflowsConfig:

@@ -264,7 +264,8 @@ class WorkflowService:
         async def pub(etype: str, data: dict[str, Any]) -> None:
             await self.publish(wid, owner, etype, data)
 
-        ctx = StepContext(wid, step_id, owner, request_id, pub, self.wcfg.max_text_deltas)
+        ctx = StepContext(wid, step_id, owner, request_id, pub, self.wcfg.max_text_deltas,
+                          self.wcfg.text_delta_interval_ms / 1000)
         return await self.executors.run(step_type, params, ctx)
 
     async def publish(self, wid: str, owner: str, etype: str, data: dict[str, Any]) -> None:

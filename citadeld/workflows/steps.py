@@ -52,6 +52,7 @@ class StepContext:
     request_id: str | None
     publish: Publish  # (event type, data) on this loop; never raises
     max_deltas: int
+    delta_interval_s: float = 0.0
 
 
 class Executors:
@@ -149,14 +150,28 @@ class Executors:
         stream = await router.open_stream(req)
         parts: list[str] = []
         sent = 0
+        pending: list[str] = []
+        last = -1.0
+
+        async def flush() -> None:
+            nonlocal sent, last
+            if pending and sent < ctx.max_deltas:
+                sent += 1
+                await ctx.publish("TEXT_MESSAGE_CONTENT", {
+                    "step_id": ctx.step_id, "message_id": f"{ctx.workflow_id}:{ctx.step_id}",
+                    "delta": "".join(pending)})
+            pending.clear()
+            last = time.monotonic()
+
         try:
             async for text in stream.chunks():
                 parts.append(text)
-                if sent < ctx.max_deltas:
-                    sent += 1
-                    await ctx.publish("TEXT_MESSAGE_CONTENT", {
-                        "step_id": ctx.step_id, "message_id": f"{ctx.workflow_id}:{ctx.step_id}",
-                        "delta": text})
+                pending.append(text)
+                # chunks that arrive within delta_interval of the last event travel together:
+                # a fast stream costs a few events, a slow one still shows every chunk at once
+                if time.monotonic() - last >= ctx.delta_interval_s:
+                    await flush()
+            await flush()
         finally:
             stream.close()  # cancelled mid-stream: aborts the upstream request
         assert stream.result is not None
