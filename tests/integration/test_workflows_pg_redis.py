@@ -12,7 +12,7 @@ from typing import Any
 import psycopg2
 import pytest
 
-from citadeld.errors import BadRequest
+from citadeld.errors import BadRequest, NotFound
 from citadeld.security.principal import LOCAL, Principal
 from tests.fakes.ollama import FakeOllama
 from tests.integration.workflow_harness import (
@@ -151,6 +151,16 @@ async def test_two_engines_share_the_queue_each_workflow_runs_once(
         assert listed["next_offset"] == 10
         other = Principal(name="mallory", role="user", kind="key")
         assert (await b.svc.list(other, None, None, 10, 0))["total"] == 0
+        with pytest.raises(NotFound):  # another owner's workflow does not exist for her
+            await a.svc.get(ids[0], other)
+        with pytest.raises(NotFound):
+            await a.svc.cancel(ids[0], other)
+        with pytest.raises(NotFound):
+            await a.svc.list(other, None, "local", 10, 0)
+        mine = await a.svc.submit(body, other, None)
+        assert mine["owner"] == "mallory"
+        assert (await a.svc.list(other, None, None, 10, 0))["total"] == 1
+        assert (await a.svc.get(mine["id"], other))["owner"] == "mallory"
         with pytest.raises(BadRequest):
             await b.svc.list(LOCAL, "bogus", None, 10, 0)
     finally:
