@@ -37,7 +37,7 @@ class EventsConfig(_Strict):
     max_subscribers: int = Field(10_000, ge=1)
     # Redis: short timeouts on the loop; events published while Redis is unreachable wait in a
     # bounded buffer and are written in order once it is back (past it: publish fails)
-    publish_timeout_s: float = Field(0.5, gt=0)
+    publish_timeout_s: float = Field(2.0, gt=0)  # a write slower than this: Redis is down
     outage_buffer: int = Field(10_000, ge=0)
     read_block_ms: int = Field(1000, ge=10, le=30_000)
     read_count: int = Field(1000, ge=1)

@@ -48,7 +48,14 @@ class EventMetrics:
             registry=r,
         )
         self._sub_children = {s: self.subscribers.labels(s) for s in ("workflow", "all")}
+        # children resolved once: labels() takes a lock and hashes, per frame otherwise
+        self._transport = {t: (self.delivered.labels(t), self.fanout_lag.labels(t))
+                           for t in ("ws", "sse")}
         self.bus_up.set(1)
 
     def sub_gauge(self, scope: str) -> Gauge:
         return self._sub_children[scope]
+
+    def transport(self, name: str) -> tuple[Counter, Histogram]:
+        """(delivered counter, fan-out lag histogram) of one transport."""
+        return self._transport[name]

@@ -10,13 +10,16 @@ its own connection and fans out to local subscribers (``Hub.dispatch``), so N we
 no Redis connections; history (``XRANGE`` after an id) and publishes share a small bounded
 pool. The reader reconnects with jittered backoff and resumes after the last id it read.
 
-Publishing runs ``redis.asyncio`` on the daemon's loop: it is non-blocking I/O, bounded by
-``publish_timeout_s`` (an XADD on a healthy Redis takes well under a millisecond), so an actor
-thread is not needed. When Redis cannot take an event, it goes to a bounded in-order buffer,
-gets a provisional id of the same shape (from a clock that never goes below ids seen from
-Redis) and is fanned out to this instance's subscribers at once; a flusher writes the buffer
-in order, with those ids where Redis accepts them, once Redis is back. Past ``outage_buffer``
-events, publish raises ``Unavailable``: the events are lost, the caller is told.
+Publishing runs ``redis.asyncio`` on the daemon's loop: it is non-blocking I/O, so an actor
+thread is not needed. ``publish`` queues the event for one writer task that sends everything
+queued meanwhile as one pipeline (a thousand concurrent publishers cost a few round trips and
+never wait for a pool connection), bounded by ``publish_timeout_s``. When Redis cannot take an
+event, it goes to a bounded in-order buffer, gets a provisional id of the same shape (from a
+clock that never goes below ids seen from Redis) and is fanned out to this instance's
+subscribers at once; a flusher writes the buffer in order, with those ids where Redis accepts
+them, once Redis is back. Past ``outage_buffer``
+events, publish raises ``Unavailable``: the events are lost, the caller is told. A write that
+timed out may still have been applied: such an event can then appear twice (at least once).
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ return id
 
 _ERRORS = (RedisError, OSError, TimeoutError)
 FLUSH_BATCH = 100
+WRITE_BATCH = 1000
 
 
 def encode(event: Event) -> bytes:
@@ -111,6 +115,10 @@ class RedisBus(BusBase):
         self._reader_task: asyncio.Task[None] | None = None
         self._flush_task: asyncio.Task[None] | None = None
         self._buffer: deque[tuple[Event, bytes]] = deque()
+        self._pending: list[tuple[Event, bytes, asyncio.Future[str]]] = []
+        self._wake = asyncio.Event()
+        self._writer: asyncio.Task[None] | None = None
+        self._ok = self.metrics.published.labels("ok")
         self._clock = IdClock()  # provisional ids during an outage
         self.last_read: str | None = None
         self.reader_up = False
@@ -140,11 +148,16 @@ class RedisBus(BusBase):
         # wait briefly for the reader to pin its start id, so an event published right after
         # start() is not missed by this instance's subscribers; an outage does not hold us up
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(ready), self.cfg.publish_timeout_s * 4)
+            await asyncio.wait_for(asyncio.shield(ready), min(1.0, self.cfg.publish_timeout_s))
 
     async def close(self) -> None:
         await super().close()
-        for task in (self._reader_task, self._flush_task):
+        if self._writer is not None and not self._writer.done():
+            self._wake.set()  # it writes what is pending, then ends (closed)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._writer), self.cfg.publish_timeout_s
+                                       * 2)
+        for task in (self._writer, self._reader_task, self._flush_task):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -164,23 +177,60 @@ class RedisBus(BusBase):
     # -- publish -----------------------------------------------------------------------------
 
     async def _record(self, event: Event) -> str:
+        """Queue for the writer, which sends everything queued meanwhile as one pipeline: a
+        thousand concurrent publishers make a few round trips, not a thousand, and never wait
+        for a pool connection (a busy pool is not an outage)."""
         payload = encode(event)
-        if self._buffer:  # an outage is in progress: keep the order
-            return self._buffered(event, payload)
-        try:
-            eid = await asyncio.wait_for(self._xadd(event, payload, "*"),
-                                         self.cfg.publish_timeout_s)
-        except _ERRORS as exc:
-            self._down("publish", exc)
-            return self._buffered(event, payload)
+        fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._pending.append((event, payload, fut))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write_loop(), name="events-writer")
+        self._wake.set()
+        return await asyncio.shield(fut)  # a cancelled publisher does not unpublish
+
+    async def _write_loop(self) -> None:
+        while not self.closed or self._pending:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._pending:
+                batch = self._pending[:WRITE_BATCH]
+                del self._pending[:WRITE_BATCH]
+                if not self._buffer:
+                    try:
+                        ids = await self._write(batch)
+                    except _ERRORS as exc:
+                        self._down("publish", exc)
+                    else:
+                        self._written(batch, ids)
+                        continue
+                for event, payload, fut in batch:  # Redis is out: the bounded buffer, in order
+                    try:
+                        fut.set_result(self._buffered(event, payload))
+                    except Unavailable as exc:
+                        fut.set_exception(exc)
+                        fut.exception()  # the publisher may have gone; do not warn
+
+    async def _write(self, batch: list[tuple[Event, bytes, asyncio.Future[str]]]) -> list[Any]:
+        assert self._cmd is not None
+        async with asyncio.timeout(self.cfg.publish_timeout_s):
+            async with self._cmd.pipeline(transaction=False) as pipe:
+                for event, payload, _ in batch:
+                    await self._xadd(event, payload, "*", client=pipe)
+                return list(await pipe.execute())
+
+    def _written(self, batch: list[tuple[Event, bytes, asyncio.Future[str]]],
+                 ids: list[Any]) -> None:
         if not self.publish_up:
             self.publish_up = True
             self._update_gauge()
-        event.id = eid
-        self._clock.observe(parse_id(eid))
-        self.published += 1
-        self.metrics.published.labels("ok").inc()
-        return eid  # subscribers get it from the reader, in stream order
+        for (event, _, fut), raw in zip(batch, ids, strict=True):
+            eid = raw.decode() if isinstance(raw, bytes) else str(raw)
+            event.id = eid
+            self._clock.observe(parse_id(eid))
+            if not fut.done():
+                fut.set_result(eid)
+        self.published += len(batch)
+        self._ok.inc(len(batch))
 
     async def _xadd(self, event: Event, payload: bytes, eid: str, client: Any = None) -> str:
         ttl = self.cfg.finished_ttl_s if event.type in TERMINAL else self.cfg.idle_ttl_s
@@ -226,7 +276,7 @@ class RedisBus(BusBase):
             async with self._cmd.pipeline(transaction=False) as pipe:
                 for event, payload in batch:
                     await self._xadd(event, payload, event.id or "*", client=pipe)
-                await asyncio.wait_for(pipe.execute(), self.cfg.publish_timeout_s * 4)
+                await asyncio.wait_for(pipe.execute(), self.cfg.publish_timeout_s)
             for _ in batch:
                 self._buffer.popleft()
             self.flushed += len(batch)
@@ -245,7 +295,7 @@ class RedisBus(BusBase):
             try:
                 if conn is None:
                     conn = aioredis.Redis.from_url(
-                        self.url, socket_connect_timeout=cfg.publish_timeout_s * 4,
+                        self.url, socket_connect_timeout=cfg.publish_timeout_s,
                         socket_timeout=cfg.read_block_ms / 1000 + 5, retry=_no_retry(),
                         single_connection_client=True)
                     # resumes after last_read; the first time, from what is new from now on
@@ -322,7 +372,7 @@ class RedisBus(BusBase):
                 pipe.xrange(key, start, "+", count=count)
                 pipe.execute_command("XINFO", "STREAM", key)
                 entries, info = await asyncio.wait_for(
-                    pipe.execute(raise_on_error=False), self.cfg.publish_timeout_s * 4)
+                    pipe.execute(raise_on_error=False), self.cfg.publish_timeout_s)
         except _ERRORS as exc:
             raise Unavailable(f"event history unavailable: {type(exc).__name__}",
                               retry_after=2) from None
@@ -337,7 +387,7 @@ class RedisBus(BusBase):
         try:
             top: Any = await asyncio.wait_for(
                 self._cmd.xrevrange(self.wf_key(workflow_id), "+", "-", count=1),
-                self.cfg.publish_timeout_s * 4)
+                self.cfg.publish_timeout_s)
         except _ERRORS as exc:
             raise Unavailable(f"event history unavailable: {type(exc).__name__}",
                               retry_after=2) from None

@@ -118,7 +118,7 @@ def paths(op: Callable[..., Json], ref: Callable[[str, str], Json]) -> Json:
     }
     sse = op("native", "eventsStream",
              "Server-sent events of all workflows the caller may see, or of one",
-             sse_ok, errors=(400, 500, 503),
+             sse_ok, errors=(400, 404, 500, 503),
              extra={"204": {"description": "The workflow finished at or before Last-Event-ID: "
                                            "nothing more will come (EventSource stops)."}})
     sse["parameters"] = [
@@ -133,7 +133,7 @@ def paths(op: Callable[..., Json], ref: Callable[[str, str], Json]) -> Json:
         "/ws/workflows/{workflow_id}": {"get": upgrade(
             op("native", "eventsWorkflowSocket",
                "Websocket of one workflow's events: history, then live",
-               {"description": "unused"}, errors=(400, 500, 503)),
+               {"description": "unused"}, errors=(400, 404, 500, 503)),
             "Server frames are WorkflowEvent JSON text frames, history first (from the "
             "retained beginning, or after `after`), then live; closed after the terminal "
             "event. Client frames are ignored (answered with an error frame).",

@@ -30,7 +30,7 @@ from typing import Any
 import orjson
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from citadeld.errors import BadRequest, CitadelError, Unavailable
+from citadeld.errors import BadRequest, CitadelError, NotFound, Unavailable
 from citadeld.events.config import EventsConfig
 from citadeld.events.hub import Accept, BusBase, SlowConsumer, Subscription
 from citadeld.events.ids import is_id, parse_id
@@ -81,8 +81,24 @@ def check_after(value: object, param: str = "after") -> str | None:
     return value
 
 
+_FRAMES: dict[str, tuple[Event, bytes]] = {}
+_FRAMES_MAX = 1024
+
+
 def frame(event: Event) -> bytes:
-    return orjson.dumps(event.to_json())
+    """The event's JSON, serialised once for all its subscribers (fewer allocations per
+    frame mean fewer and shorter garbage collections on the loop)."""
+    eid = event.id
+    if eid is None:
+        return orjson.dumps(event.to_json())
+    hit = _FRAMES.get(eid)
+    if hit is not None and hit[0] is event:
+        return hit[1]
+    data = orjson.dumps(event.to_json())
+    if len(_FRAMES) >= _FRAMES_MAX:
+        del _FRAMES[next(iter(_FRAMES))]  # oldest first: dicts keep insertion order
+    _FRAMES[eid] = (event, data)
+    return data
 
 
 def _bus(request: web.Request) -> tuple[BusBase, EventsConfig]:
@@ -93,10 +109,21 @@ def _bus(request: web.Request) -> tuple[BusBase, EventsConfig]:
     return bus, state.config.events
 
 
+async def _check_visible(bus: BusBase, workflow_id: str, accept: Accept | None
+                         ) -> Event | None:
+    """The workflow's latest event; 404 when it belongs to someone the caller may not see
+    (a workflow without events yet cannot be told apart and is streamed, filtered)."""
+    last = await bus.last(workflow_id)
+    if last is not None and accept is not None and not accept(last):
+        raise NotFound(f"no workflow {workflow_id!r}", code="workflow_not_found")
+    return last
+
+
 def _observe(metrics: EventMetrics, transport: str, sub: Subscription, event: Event) -> None:
-    metrics.delivered.labels(transport).inc()
+    delivered, lag = metrics.transport(transport)
+    delivered.inc()
     if event.type != GAP and not sub.historic:
-        metrics.fanout_lag.labels(transport).observe(max(0.0, time.time() - event.ts))
+        lag.observe(max(0.0, time.time() - event.ts))
 
 
 class _Bucket:
@@ -130,13 +157,29 @@ class WsSession:
                                         max_msg_size=cfg.ws_max_message_bytes)
         self.pumps: dict[str | None, tuple[Subscription, asyncio.Task[None]]] = {}
         self._lock = asyncio.Lock()
+        self._loop = asyncio.get_running_loop()
+        self.sending_since = 0.0  # loop time a send began that has not finished; 0: idle
         self.close_code: int | None = None
         self.close_reason = ""
         self.done = asyncio.Event()
 
     async def send(self, data: bytes) -> None:
+        """One frame. A send stuck on a client that reads nothing is aborted by the app's
+        watchdog after ``send_timeout_s`` (no timer per frame: this is the hot path)."""
         async with self._lock:
-            await asyncio.wait_for(self.ws.send_str(data.decode()), self.cfg.send_timeout_s)
+            self.sending_since = self._loop.time()
+            try:
+                await self.ws.send_str(data.decode())
+            finally:
+                self.sending_since = 0.0
+
+    def tick(self, now: float) -> None:
+        """Called by the watchdog about once a second."""
+        if self.sending_since and now - self.sending_since > self.cfg.send_timeout_s:
+            self.finish(CLOSE_SLOW, "client did not read in time")
+            transport = self.request.transport
+            if transport is not None:
+                transport.abort()  # the stuck write fails at once
 
     async def control(self, kind: str, **fields: Any) -> None:
         await self.send(orjson.dumps({"type": kind, **fields}))
@@ -189,8 +232,8 @@ class WsSession:
             self.finish(CLOSE_SLOW, exc.message[:120])
         except CitadelError as exc:  # history unreachable (Redis down)
             self.finish(CLOSE_UNAVAILABLE, exc.message[:120])
-        except (TimeoutError, ConnectionError):
-            self.finish(CLOSE_SLOW, "client did not read in time")
+        except ConnectionError:  # the client is gone (or was cut off by the watchdog)
+            self.finish(CLOSE_SLOW, "connection lost")
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -324,7 +367,8 @@ async def ws_workflow(request: web.Request) -> web.StreamResponse:
     wf = check_workflow_id(request.match_info["workflow_id"], "id")
     after = check_after(request.query.get("after"))
     session = WorkflowWs(request, bus, cfg)
-    session.open(wf, after)  # 400/503 before the upgrade
+    await _check_visible(bus, wf, session.accept)
+    session.open(wf, after)  # 400/404/503 before the upgrade
     try:
         await session.ws.prepare(request)
     except BaseException:
@@ -352,8 +396,37 @@ async def ws_all(request: web.Request) -> web.StreamResponse:
 
 
 class SseSession:
-    def __init__(self, sub: Subscription) -> None:
-        self.sub = sub
+    """One SSE response: writes, stall detection and heartbeat comments (by the watchdog)."""
+
+    def __init__(self, request: web.Request, resp: web.StreamResponse, sub: Subscription,
+                 cfg: EventsConfig) -> None:
+        self.request, self.resp, self.sub, self.cfg = request, resp, sub, cfg
+        self._loop = asyncio.get_running_loop()
+        self.sending_since = 0.0
+        self.last_write = self._loop.time()
+        self._ping: asyncio.Task[None] | None = None
+
+    async def write(self, data: bytes) -> None:
+        self.sending_since = self._loop.time()
+        try:
+            await self.resp.write(data)
+        finally:
+            self.last_write = self._loop.time()
+            self.sending_since = 0.0
+
+    def tick(self, now: float) -> None:
+        if self.sending_since and now - self.sending_since > self.cfg.send_timeout_s:
+            self.sub.close()
+            transport = self.request.transport
+            if transport is not None:
+                transport.abort()
+        elif (not self.sending_since and now - self.last_write >= self.cfg.heartbeat_s
+              and (self._ping is None or self._ping.done()) and self.resp.prepared):
+            self._ping = asyncio.create_task(self._send_ping())
+
+    async def _send_ping(self) -> None:
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await self.write(b": ping\n\n")
 
     def stop(self) -> None:  # daemon shutdown: the stream ends, the client reconnects elsewhere
         self.sub.close()
@@ -373,55 +446,83 @@ async def sse(request: web.Request) -> web.StreamResponse:
     after = check_after(header, "Last-Event-ID") if header else check_after(
         request.query.get("after"))
     accept = visibility(principal_of(request))
-    if wf is not None and after is not None:
-        last = await bus.last(wf)
-        if (last is not None and last.type in TERMINAL and last.id is not None
-                and parse_id(last.id) <= parse_id(after)):
+    if wf is not None:
+        last = await _check_visible(bus, wf, accept)
+        if (after is not None and last is not None and last.type in TERMINAL
+                and last.id is not None and parse_id(last.id) <= parse_id(after)):
             return web.Response(status=204)  # finished and seen: EventSource stops here
     sub = bus.subscribe(wf, after, accept)
-    session = SseSession(sub)
+    resp = web.StreamResponse(status=200, headers=SSE_HEADERS)
+    session = SseSession(request, resp, sub, cfg)
     sessions = request.app.get(_SESSIONS)
     if sessions is not None:
         sessions.add(session)
     metrics = bus.metrics
-    resp = web.StreamResponse(status=200, headers=SSE_HEADERS)
     try:
         await resp.prepare(request)
-        await resp.write(f"retry: {SSE_RETRY_MS}\n: connected\n\n".encode())
-        it = sub.__aiter__()
-        while True:
-            try:
-                event = await asyncio.wait_for(it.__anext__(), cfg.heartbeat_s)
-            except TimeoutError:
-                await asyncio.wait_for(resp.write(b": ping\n\n"), cfg.send_timeout_s)
-                continue
-            except StopAsyncIteration:
-                break
-            except CitadelError as exc:  # slow consumer, history unreachable
-                body = orjson.dumps({"type": "error", "code": exc.code, "message": exc.message})
-                await resp.write(b"event: error\ndata: " + body + b"\n\n")
-                break
-            await asyncio.wait_for(resp.write(sse_event(event)), cfg.send_timeout_s)
-            _observe(metrics, "sse", sub, event)
-            if wf is not None and event.type in TERMINAL:
-                break
-        with contextlib.suppress(ConnectionError, TimeoutError):
+        await session.write(f"retry: {SSE_RETRY_MS}\n: connected\n\n".encode())
+        try:
+            async for event in sub:
+                await session.write(sse_event(event))
+                _observe(metrics, "sse", sub, event)
+                if wf is not None and event.type in TERMINAL:
+                    break
+        except CitadelError as exc:  # slow consumer, history unreachable
+            body = orjson.dumps({"type": "error", "code": exc.code, "message": exc.message})
+            await session.write(b"event: error\ndata: " + body + b"\n\n")
+        with contextlib.suppress(ConnectionError):
             await resp.write_eof()
         return resp
-    except (ConnectionError, TimeoutError):  # the client went away or stopped reading
+    except ConnectionError:  # the client went away, or stopped reading and was cut off
         return resp
     finally:
         sub.close()
+        if session._ping is not None:
+            session._ping.cancel()
+
+
+async def _watchdog(app: web.Application) -> None:
+    """Once a tick: cut writes stuck on clients that read nothing, send SSE heartbeats."""
+    cfg = app[STATE].config.events
+    step = min(1.0, cfg.heartbeat_s / 2, cfg.send_timeout_s / 2)
+    loop = asyncio.get_running_loop()
+    sessions = app[_SESSIONS]
+    while True:
+        await asyncio.sleep(step)
+        now = loop.time()
+        for session in list(sessions):
+            try:
+                session.tick(now)
+            except Exception:  # one odd session must not stop the others' watchdog
+                log.exception("event stream watchdog")
+
+
+_WATCHDOG: web.AppKey[asyncio.Task[None]] = web.AppKey("citadel_event_watchdog", asyncio.Task)
+
+
+async def _start_watchdog(app: web.Application) -> None:
+    app[_WATCHDOG] = asyncio.create_task(_watchdog(app), name="event-stream-watchdog")
+
+
+async def _stop_watchdog(app: web.Application) -> None:
+    task = app.get(_WATCHDOG)
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 async def _on_shutdown(app: web.Application) -> None:
-    for session in list(app.get(_SESSIONS, ())):
+    sessions = app.get(_SESSIONS)
+    for session in list(sessions or ()):
         session.stop()
 
 
 def add_routes(app: web.Application) -> None:
     app[_SESSIONS] = weakref.WeakSet()
+    app.on_startup.append(_start_watchdog)
     app.on_shutdown.append(_on_shutdown)
+    app.on_cleanup.append(_stop_watchdog)
     app.router.add_get("/ws", ws_all)
     app.router.add_get("/ws/workflows/{workflow_id}", ws_workflow)
     app.router.add_get("/api/v1/events", sse)

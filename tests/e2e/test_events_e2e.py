@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import signal
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -205,3 +206,36 @@ def test_bad_input_and_docs(daemon: DaemonProc) -> None:
     paths = httpx.get(daemon.url + "/openapi.json", timeout=5).json()["paths"]
     assert {"/ws", "/ws/workflows/{workflow_id}", "/api/v1/events"} <= set(paths)
 
+
+
+async def test_sigterm_ends_open_streams_at_once(tmp_path_factory: pytest.TempPathFactory,
+                                                 hash_fake: Fake) -> None:
+    """The in-process bus; open streams must not hold the drain for its whole timeout."""
+    d = DaemonProc({
+        "server": {"drain_timeout_s": 20},
+        "embedding": {"default_model": "all-minilm", "models": {"all-minilm": {
+            "backend": "ollama", "dims": 384, "max_context": 256,
+            "endpoints": [{"url": hash_fake.url}]}}},
+        "events": {"backend": "memory"},
+    }, tmp_path_factory.mktemp("citadeld-events-term"))
+    await asyncio.to_thread(d.start)
+    try:
+        assert (await detailed(d))["events"]["backend"] == "memory"
+        async with aiohttp.ClientSession() as http:
+            ws = await http.ws_connect(f"{d.url}/ws/workflows/wf-x")
+            sse = await http.get(f"{d.url}/api/v1/events")
+            for _ in range(50):
+                if (await detailed(d))["events"]["subscribers"] == 2:
+                    break
+                await asyncio.sleep(0.05)
+            assert d.proc is not None
+            t0 = asyncio.get_running_loop().time()
+            d.proc.send_signal(signal.SIGTERM)
+            msg = await ws.receive(timeout=10)
+            assert msg.type is WSMsgType.CLOSE and msg.data == 1001
+            assert await asyncio.wait_for(sse.content.read(), 10) is not None  # ends
+            code = await asyncio.to_thread(d.proc.wait, 15)
+            assert code == 0
+            assert asyncio.get_running_loop().time() - t0 < 10  # not the 20 s drain timeout
+    finally:
+        await asyncio.to_thread(d.stop)

@@ -200,6 +200,27 @@ async def test_ws_all_live_subscribe_unsubscribe_and_bad_messages(serve: Factory
         assert (await frames(ws, 1))[0] == {"type": "pong"}
 
 
+async def test_ws_subscription_limit_and_messages_on_the_workflow_socket(serve: Factory) -> None:
+    client, bus = await serve(ws_max_subscriptions=2)
+    async with client.ws_connect("/ws") as ws:  # the all-events feed is one subscription
+        await ws.send_str('{"type": "subscribe", "workflow_id": "a"}')
+        assert (await frames(ws, 1))[0]["type"] == "subscribed"
+        await ws.send_str('{"type": "subscribe", "workflow_id": "b"}')
+        reply = (await frames(ws, 1))[0]
+        assert reply["code"] == "too_many_subscriptions" and reply["workflow_id"] == "b"
+        await ws.send_str('{"type": "subscribe", "workflow_id": "a", "after": "1-0"}')
+        assert (await frames(ws, 1))[0]["type"] == "subscribed"  # re-subscribing replaces
+        await ws.send_str('{"type": "unsubscribe", "workflow_id": "zzz"}')
+        assert (await frames(ws, 1))[0] == {"type": "unsubscribed", "workflow_id": "zzz",
+                                            "found": False}
+    async with client.ws_connect("/ws/workflows/w") as ws:
+        await ws.send_str('{"type": "ping"}')
+        assert (await frames(ws, 1))[0]["code"] == "unsupported"
+        fin = await bus.publish(ev("w", 0, RUN_FINISHED))
+        assert (await frames(ws, 1))[0]["id"] == fin
+    await wait_for(lambda: bus.hub.count == 0)
+
+
 async def test_ws_oversized_and_too_fast_messages_close_the_socket(serve: Factory) -> None:
     client, _ = await serve(ws_max_message_bytes=256, ws_max_messages_per_s=2)
     async with client.ws_connect("/ws?subscribe=none") as ws:
@@ -232,10 +253,18 @@ async def test_visibility_by_owner(serve: Factory) -> None:
         shared = await bus.publish(ev("w3", 2))
         assert [f["id"] for f in await frames(wb, 2)] == [mine, shared]
         assert len(await frames(wa, 3)) == 3
-    async with client.ws_connect("/ws/workflows/w2", headers=bob) as ws:
-        await bus.publish(ev("w2", 3, RUN_FINISHED, owner="alice"))
+    async with client.ws_connect("/ws/workflows/w9", headers=bob) as ws:
+        await bus.publish(ev("w9", 3, RUN_FINISHED, owner="alice"))
         with pytest.raises(asyncio.TimeoutError):
             await ws.receive(timeout=0.3)  # nothing of alice's
+    # once the workflow has events, someone else's is not found at all
+    with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+        await client.ws_connect("/ws/workflows/w2", headers=bob)
+    assert info.value.status == 404
+    resp = await client.get("/api/v1/events?workflow_id=w2", headers=bob)
+    assert resp.status == 404 and (await resp.json())["error"]["code"] == "workflow_not_found"
+    async with client.ws_connect("/ws/workflows/w2", headers=admin) as ws:
+        assert (await frames(ws, 1))[0]["workflow_id"] == "w2"
 
 
 async def test_slow_consumer_gets_a_gap_then_skips_ahead(serve: Factory) -> None:
@@ -271,6 +300,27 @@ async def test_slow_consumer_disconnect_policy(serve: Factory) -> None:
                 break
         assert msg.type is WSMsgType.CLOSE and msg.data == 4008
     assert bus.metrics.slow_disconnects._value.get() == 1
+
+
+async def test_a_client_that_reads_nothing_is_cut_off(serve: Factory) -> None:
+    """A raw websocket client that never reads: the server's writes stall once the socket
+    buffers are full, and the watchdog aborts the connection after send_timeout_s."""
+    client, bus = await serve(send_timeout_s=0.5, heartbeat_s=60)  # no ping-timeout close
+    assert client.port is not None
+    _reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+    writer.write(b"GET /ws/workflows/wstall HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                 b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+                 b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+    await writer.drain()
+    await wait_for(lambda: bus.hub.count == 1)
+    big = "x" * 65536
+    for i in range(400):  # ~26 MB: more than loopback buffers hold
+        await bus.publish(Event(STEP_STARTED, "wstall", {"i": i, "pad": big}))
+        if bus.hub.count == 0:
+            break
+    await wait_for(lambda: bus.hub.count == 0, wait_s=5)  # cut off, not stuck forever
+    await bus.publish(ev("wstall", 999))  # publishing is unaffected
+    writer.close()
 
 
 async def test_too_many_subscribers_is_503(serve: Factory) -> None:
@@ -359,3 +409,34 @@ async def test_shutdown_closes_streams_going_away(serve: Factory) -> None:
     assert msg.type is WSMsgType.CLOSE and msg.data == 1001
     await closing
 
+
+
+async def test_history_unreachable_closes_1013_and_sse_says_so() -> None:
+    """Redis down: a new stream that needs history is told to retry, the daemon is fine."""
+    from tests.support.daemon import free_port
+    cfg_opts = {"publish_timeout_s": 0.2, "reconnect_min_s": 0.05, "reconnect_max_s": 0.2}
+    bus = RedisBus(EventsConfig.model_validate(cfg_opts), f"redis://127.0.0.1:{free_port()}/0")
+    await bus.start()
+    state = DaemonState(config=Config.model_validate({"events": cfg_opts}), metrics=Metrics(),
+                        embedding=cast(Any, None), pools={}, cache=cast(Any, None),
+                        health=HealthState(), events=bus)
+    client = TestClient(TestServer(build_app(state)))
+    await client.start_server()
+    try:
+        with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+            await client.ws_connect("/ws/workflows/w1")
+        assert info.value.status == 503  # before the upgrade
+        async with client.ws_connect("/ws?after=1-0") as ws:  # resuming all needs history
+            msg = await ws.receive(timeout=5)
+            assert msg.type is WSMsgType.CLOSE and msg.data == 1013
+        assert (await client.get("/api/v1/events?workflow_id=w1")).status == 503
+        async with client.get("/api/v1/events?after=1-0") as resp:
+            assert resp.status == 200
+            body = (await resp.content.read()).decode()
+            assert "event: error" in body and '"code":"unavailable"' in body
+        health = await (await client.get("/health")).json()
+        assert health["events"] == "down" and bus.snapshot()["reader"] == "down"
+        assert bus.hub.count == 0
+    finally:
+        await client.close()
+        await bus.close()

@@ -15,6 +15,7 @@ import redis
 from citadeld.errors import Unavailable
 from citadeld.events.config import EventsConfig
 from citadeld.events.hub import Subscription
+from citadeld.events.ids import parse_id
 from citadeld.events.model import GAP, RUN_FINISHED, STEP_FINISHED, STEP_STARTED, Event
 from citadeld.events.redis_bus import RedisBus
 from tests.integration.test_cache_redis import SHARED_URL, Throwaway, needs_shared
@@ -179,3 +180,32 @@ async def test_redis_restart_mid_stream(buses: list[RedisBus]) -> None:
         assert [e.id for e in replay] == during + after
     finally:
         srv.kill()
+
+
+@needs_shared
+async def test_garbage_in_the_stream_is_skipped_not_fatal(prefix: str, buses: list[RedisBus]
+                                                          ) -> None:
+    bus = await make(buses, SHARED_URL, prefix)
+    live = bus.subscribe()
+    r = redis.Redis.from_url(SHARED_URL)
+    r.xadd(bus.all_key, {"e": b"not json"})  # another writer got it wrong
+    r.xadd(bus.all_key, {"other": b"1"})
+    r.xadd(bus.all_key, {"e": b'{"t": "STEP_STARTED"}'})  # no workflow id
+    good = await bus.publish(ev("w", 1))
+    got = await take(live, 1)
+    assert [e.id for e in got] == [good]
+    assert bus.snapshot()["reader"] == "ok"
+
+
+@needs_shared
+async def test_an_explicit_id_redis_refuses_falls_back_to_a_new_one(
+        prefix: str, buses: list[RedisBus]) -> None:
+    """What a flush does when another instance wrote later ids during our outage."""
+    from citadeld.events.redis_bus import encode
+    bus = await make(buses, SHARED_URL, prefix)
+    top = await bus.publish(ev("w", 1))
+    stale = Event(STEP_FINISHED, "w", {"step_id": "late"}, ts=1.0, id="1-0")
+    new_id = await bus._xadd(stale, encode(stale), "1-0")
+    assert new_id != "1-0" and parse_id(new_id) > parse_id(top)
+    replay = await take(bus.subscribe("w"), 2)
+    assert [e.id for e in replay] == [top, new_id] and replay[1].data == {"step_id": "late"}
