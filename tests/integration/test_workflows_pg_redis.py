@@ -268,3 +268,86 @@ async def test_redis_restart_during_a_run(
     finally:
         await node.stop()
         srv.kill()
+
+
+async def test_timeouts_deadline_bad_reference_and_pending_cancel(
+        tmp_path: Path, fakes: tuple[FakeOllama, FakeOllama]) -> None:
+    """Memory mode, one slot: a step that outlives its timeout is retried then fails naming
+    the timeout; a workflow past its deadline fails saying so; a reference that cannot be
+    resolved at run time fails at once (no retries); a queued workflow cancels at once."""
+    fast, slow = fakes
+    node = await start_node(tmp_path, dsn=None, redis_url=None, prefix="", instance="t",
+                            llm=llm_config(fast.url, slow.url), max_concurrent=1)
+    long_prompt = " ".join(["w"] * 40)  # ~6 s of streaming at 150 ms a chunk
+    try:
+        wid = await node.submit({"steps": [{"id": "s", "type": "llm_query", "retries": 1,
+                                            "timeout_s": 0.4, "params": {
+                                                "model": "slow-model", "prompt": long_prompt}}]})
+        queued = await node.submit({"steps": [{"type": "llm_query", "params": {
+            "model": "llama3.2", "prompt": "never"}}]})
+        out, final = await node.svc.cancel(queued, LOCAL, "changed my mind")
+        assert final and out["status"] == "cancelled"
+        assert out["error"] == "cancelled by local: changed my mind"
+        rec = await node.wait(wid)
+        assert rec["status"] == "failed" and rec["steps"][0]["attempts"] == 2
+        assert rec["error"] == ("step 's' (llm_query) failed after 2 attempts: timed out "
+                                "after 0.4 s")
+        wid = await node.submit({"deadline_s": 0.5, "steps": [{"id": "s", "type": "llm_query",
+                                                               "params": {"model": "slow-model",
+                                                                          "prompt": long_prompt}}]})
+        rec = await node.wait(wid)
+        assert rec["status"] == "failed" and rec["error"] == "workflow deadline of 0.5 s exceeded"
+        assert rec["steps"][0]["status"] == "cancelled"
+        wid = await node.submit({"steps": [
+            {"id": "a", "type": "llm_query", "params": {"model": "llama3.2", "prompt": "x"}},
+            {"id": "b", "type": "llm_query", "retries": 5, "params": {
+                "model": "llama3.2", "prompt": "{{steps.a.output.usage.nope}}"}},
+            {"id": "c", "type": "llm_query", "depends_on": ["b"],
+             "params": {"model": "llama3.2", "prompt": "x"}}]})
+        rec = await node.wait(wid)
+        assert rec["status"] == "failed", rec
+        assert rec["error"] == ("step 'b' (llm_query) failed after 1 attempt: "
+                                "steps.a.output.usage.nope does not exist")
+        assert [s["status"] for s in rec["steps"]] == ["completed", "failed", "skipped"]
+        with pytest.raises(Exception, match="already failed"):
+            await node.svc.cancel(wid, LOCAL)
+    finally:
+        await node.halt_runner()
+        await node.stop()
+
+
+async def test_postgres_outage_mid_run(
+        tmp_path: Path, prefix: str, fakes: tuple[FakeOllama, FakeOllama]) -> None:
+    """PostgreSQL stops while a step runs: the step's result cannot be recorded, so the
+    workflow is not given a verdict; submits get 503 (nothing unrecorded is acknowledged).
+    Once PostgreSQL is back the workflow is reclaimed and finishes, skipping the step that was
+    recorded before the outage."""
+    from tests.support.pg import ThrowawayPostgres, binaries_available
+
+    if not binaries_available():
+        pytest.skip("no PostgreSQL binaries for a throwaway server")
+    pg = ThrowawayPostgres().start()
+    fast, slow = fakes
+    node = await start_node(tmp_path, dsn=pg.dsn, redis_url=REDIS_URL, prefix=prefix,
+                            instance="p", llm=llm_config(fast.url, slow.url))
+    try:
+        wid = await node.submit(two_steps(10))
+        for _ in range(300):
+            if (await node.svc.get(wid, LOCAL))["steps"][1]["status"] == "running":
+                break
+            await asyncio.sleep(0.02)
+        await asyncio.to_thread(pg.stop)
+        with pytest.raises(Exception) as refused:
+            await node.submit(two_steps(1))
+        assert getattr(refused.value, "status", None) == 503
+        await asyncio.sleep(2.5)  # the step ends; its result cannot be recorded
+        assert fast.stats.calls["/api/generate"] == 1
+        await asyncio.to_thread(pg.start)
+        rec = await node.wait(wid, wait_s=40)
+        assert rec["status"] == "completed", rec
+        assert rec["runs"] == 2  # resumed after the outage
+        assert rec["steps"][0]["attempts"] == 1  # recorded before the outage: not re-run
+        assert fast.stats.calls["/api/generate"] == 1
+    finally:
+        await node.stop()
+        pg.cleanup()
