@@ -118,8 +118,10 @@ class Engine:
         await self.on_front(self.svc.store.save(rec, durable))
 
     def _cancel(self, wid: str) -> None:
+        """A cancel request (API, pubsub, heartbeat flag - often all three): the task is
+        cancelled once, so a second request cannot interrupt its recording of the verdict."""
         entry = self.running.get(wid)
-        if entry is not None:
+        if entry is not None and wid not in self.cancel_wanted and wid not in self.interrupt:
             self.cancel_wanted.add(wid)
             entry[0].cancel()
 
@@ -252,6 +254,8 @@ class Engine:
                 log.warning("workflow heartbeat failed: %s", exc)
                 continue
             for j in lost:
+                if j.wid in self.interrupt or j.wid in self.cancel_wanted:
+                    continue
                 log.warning("lost the claim on a workflow; stopping it here",
                             extra={"workflow_id": j.wid})
                 self.metrics.lost_claims.inc()
@@ -401,7 +405,8 @@ class Engine:
         except asyncio.CancelledError:
             if wid in self.interrupt or wid not in self.cancel_wanted:
                 raise _Interrupted() from None
-            return await self._finish(rec, "cancelled", "cancelled by request")
+            # shielded: recording and announcing the verdict must not be cut short
+            return await asyncio.shield(self._finish(rec, "cancelled", "cancelled by request"))
         return await self._finish(rec, "completed", None)
 
     async def _run_dag(self, rec: dict[str, Any], spec: Spec) -> None:

@@ -216,12 +216,17 @@ def test_cancel_during_a_streaming_step(wfd: DaemonProc, slow: Fake) -> None:
     t0 = time.monotonic()
     c = httpx.post(f"{wfd.url}/api/v1/workflows/{wid}/cancel", timeout=10)
     assert c.status_code == 200, c.text
-    assert time.monotonic() - t0 < 2.0
+    assert time.monotonic() - t0 < 5.0  # promptly, on a loaded machine too
     assert c.json()["status"] == "cancelled" and c.json()["steps"][0]["status"] == "cancelled"
     time.sleep(0.3)
     assert slow.stats()["in_flight"] == 0  # the upstream request was aborted
     again = httpx.post(f"{wfd.url}/api/v1/workflows/{wid}/cancel", timeout=10)
     assert again.status_code == 409
+    events = sse_events(wfd, wid)  # ends at the terminal event (announced exactly once)
+    types = [e["type"] for e in events]
+    assert types.count("RUN_CANCELLED") == 1 and types[-1] == "RUN_CANCELLED", types
+    assert "TEXT_MESSAGE_CONTENT" in types
+    assert "STEP_FINISHED" not in types
 
 
 def test_llm_server_down_retries_then_fails_clearly(wfd: DaemonProc) -> None:
