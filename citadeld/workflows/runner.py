@@ -380,7 +380,7 @@ class Engine:
         if rec.get("cancel_requested") or (self.claimer is not None
                                            and await self.on_front(
                                                self.svc.store.cancel_flag(wid))):
-            return await self._finish(rec, "cancelled", "cancelled by request")
+            return await self._final(rec, "cancelled", "cancelled by request")
         resumed = rec.get("runs", 0) > 0
         rec.update(status="running", instance=self.svc.instance, runs=rec.get("runs", 0) + 1)
         rec["started_at"] = rec.get("started_at") or time.time()
@@ -396,18 +396,17 @@ class Engine:
             async with asyncio.timeout(max(0.0, remaining)) as deadline:
                 await self._run_dag(rec, spec)
         except WorkflowFailed as exc:
-            return await self._finish(rec, "failed", str(exc))
+            return await self._final(rec, "failed", str(exc))
         except TimeoutError:
             if deadline.expired():
-                return await self._finish(rec, "failed", f"workflow deadline of "
+                return await self._final(rec, "failed", f"workflow deadline of "
                                           f"{spec.deadline_s:g} s exceeded")
             raise
         except asyncio.CancelledError:
             if wid in self.interrupt or wid not in self.cancel_wanted:
                 raise _Interrupted() from None
-            # shielded: recording and announcing the verdict must not be cut short
-            return await asyncio.shield(self._finish(rec, "cancelled", "cancelled by request"))
-        return await self._finish(rec, "completed", None)
+            return await self._final(rec, "cancelled", "cancelled by request")
+        return await self._final(rec, "completed", None)
 
     async def _run_dag(self, rec: dict[str, Any], spec: Spec) -> None:
         outputs = {sid: st["output"] for sid, st in rec["steps"].items()
@@ -497,6 +496,11 @@ class Engine:
                            duration_ms=st["duration_ms"], attempts=attempt)
         await self.publish(rec, ev.STATE_SNAPSHOT, snapshot=snapshot(rec))
         return out
+
+    async def _final(self, rec: dict[str, Any], status: str, error: str | None) -> bool:
+        """``_finish`` shielded: a cancel arriving now cannot cut the verdict's recording or
+        its announcement short (the task still ends cancelled; the verdict stands)."""
+        return await asyncio.shield(self._finish(rec, status, error))
 
     async def _finish(self, rec: dict[str, Any], status: str, error: str | None) -> bool:
         now = time.time()
