@@ -251,10 +251,12 @@ async def test_redis_restart_during_a_run(
     try:
         running = await node.submit(two_steps(16))
         queued = await node.submit(two_steps(1))  # waits: max_concurrent is 1
-        for _ in range(200):
-            if (await node.svc.get(running, LOCAL))["steps"][1]["status"] == "running":
+        for _ in range(500):
+            rec = await node.svc.get(running, LOCAL)
+            if rec["steps"][1]["status"] == "running":
                 break
             await asyncio.sleep(0.02)
+        assert rec["steps"][1]["status"] == "running", rec  # the outage hits mid-step
         srv.kill()
         with pytest.raises(Exception) as refused:
             await node.submit(two_steps(1))
@@ -264,7 +266,7 @@ async def test_redis_restart_during_a_run(
         a = await node.wait(running, wait_s=30)
         b = await node.wait(queued, wait_s=30)
         assert a["status"] == b["status"] == "completed", (a, b)
-        assert a["runs"] == 1  # never interrupted
+        assert a["runs"] == 1, a  # never interrupted
     finally:
         await node.stop()
         srv.kill()
