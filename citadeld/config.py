@@ -28,6 +28,7 @@ from citadeld.storage.config import (
     check_collection_models,
     redact_storage,
 )
+from citadeld.workflows.config import WorkflowsConfig
 
 ENV_PREFIX = "CITADEL_"
 EX_CONFIG = 78
@@ -211,6 +212,7 @@ class Config(_Strict):
     limits: LimitsConfig = LimitsConfig()
     rate_limits: RateLimitsConfig = RateLimitsConfig()
     audit: AuditConfig = AuditConfig()
+    workflows: WorkflowsConfig = WorkflowsConfig()
     events: EventsConfig = EventsConfig()
 
     @model_validator(mode="after")

@@ -39,6 +39,7 @@ from citadeld.metrics import Metrics
 from citadeld.state import DaemonState
 from citadeld.storage.wiring import Storage
 from citadeld.supervision import ChildLink, ChildSpec, Supervisor
+from citadeld.workflows.service import WorkflowService
 
 log = logging.getLogger("citadeld")
 
@@ -149,6 +150,9 @@ class Daemon:
             ))
         storage = Storage(cfg, metrics, health)  # VectorActor, PersistenceActor (issue 4)
         children.extend(storage.child_specs())
+        workflows = WorkflowService(cfg, metrics, storage, llm)  # runner after its services
+        if cfg.workflows.enabled:
+            children.append(workflows.child_spec())
         sc = cfg.supervision
         self.supervisor = Supervisor(
             "root", children,
@@ -163,6 +167,9 @@ class Daemon:
             events=build_bus(cfg, metrics),
         )
         storage.attach(service)
+        if cfg.workflows.enabled:
+            self.state.extra["workflows"] = workflows
+            workflows.attach(self.state)
         return self.state
 
     # ---- run -------------------------------------------------------------------------------
@@ -197,6 +204,9 @@ class Daemon:
         started = self.supervisor.start()
         assert state.storage is not None
         state.storage.start()
+        workflows = state.extra.get("workflows")
+        if workflows is not None:
+            workflows.start()
         lag = LoopLag(self.metrics)
         lag.start()
         state.extra["loop_lag"] = lag
@@ -214,6 +224,8 @@ class Daemon:
         state.draining = True
         t0 = time.monotonic()
         await runner.cleanup()  # stops accepting, waits for in-flight handlers (drain timeout)
+        if workflows is not None:  # before the services its steps use go away
+            await workflows.close()
         for pool in state.pools.values():
             pool.close(Unavailable("daemon is shutting down", retry_after=5))
         for t in tasks:

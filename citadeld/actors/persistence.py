@@ -217,7 +217,8 @@ class PersistenceActor(SupervisedActor):
 
     async def _op_with_pool(self, fn: Callable[[Any], Awaitable[Any]]) -> Any:
         """Run another module's statements on this actor's pool and loop (API keys, audit
-        queries), so their SQL lives with them; ``fn`` must be safe to run twice (see _run)."""
+        queries, workflows), so their SQL lives with them and shares this pool, its retries and
+        its health; ``fn`` must be safe to run twice (see _run)."""
         return await fn(self.pool)
 
     async def _op_rows(self, rows: list[Row]) -> dict[str, int]:

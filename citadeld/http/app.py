@@ -22,6 +22,7 @@ from citadeld.http import (
     health_routes,
     llm_routes,
     vector_routes,
+    workflow_routes,
 )
 from citadeld.http.deadlines import Deadlines
 from citadeld.http.errors import dialect_of, error_response
@@ -185,6 +186,7 @@ def build_app(state: DaemonState) -> web.Application:
     embed_routes.add_routes(app)
     llm_routes.add_routes(app)
     vector_routes.add_routes(app)
+    workflow_routes.add_routes(app)
     health_routes.add_routes(app)
     docs_routes.add_routes(app)
     event_routes.add_routes(app)

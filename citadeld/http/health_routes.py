@@ -86,6 +86,9 @@ async def detailed(request: web.Request) -> web.Response:
     lag = state.extra.get("loop_lag")
     if lag is not None:
         body["event_loop_lag_ms"] = lag.snapshot()
+    workflows = state.extra.get("workflows")
+    if workflows is not None:  # runner, queue and store mode
+        body["workflows"] = workflows.snapshot()
     events = getattr(state, "events", None)
     if events is not None:  # workflow event bus: backend, Redis reader/publish, buffer
         body["events"] = events.snapshot()

@@ -11,7 +11,13 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from citadeld.http import event_openapi, llm_openapi, schemas, vector_schemas
+from citadeld.http import (
+    event_openapi,
+    llm_openapi,
+    schemas,
+    vector_schemas,
+    workflow_openapi,
+)
 from citadeld.http.errors import Dialect, error_body
 from citadeld.security import audit_routes
 
@@ -459,10 +465,12 @@ def _document(app_version: str, model_names: list[str]) -> Json:
         "paths": {**_paths(model_names), **llm_openapi.paths(_op, _json_ok, "llama3.2"),
                   **vector_schemas.openapi_paths(_op, _json_ok, _ref),
                   **audit_routes.openapi_paths(_op, _json_ok),
+                  **workflow_openapi.paths(_op, _json_ok, _ref),
                   **event_openapi.paths(_op, _ref)},
         "components": {
             "schemas": {**_component_schemas(model_names), **llm_openapi.component_schemas(),
                         **vector_schemas.openapi_schemas(), **audit_routes.openapi_schemas(),
+                        **workflow_openapi.component_schemas(),
                         **event_openapi.component_schemas()},
             "responses": _error_responses(),
             "headers": _headers(),

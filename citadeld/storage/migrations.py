@@ -152,11 +152,39 @@ ALTER TABLE citadel_audit_log
 CREATE INDEX citadel_audit_log_principal ON citadel_audit_log (principal, id)
     WHERE principal IS NOT NULL;"""
 
+V4 = """\
+-- workflows (issue 5): one row per workflow, its whole state (spec, per-step status and
+-- outputs) in one document written at every transition; columns for listing and claiming
+CREATE TABLE citadel_workflows (
+    id               text PRIMARY KEY,
+    owner            text NOT NULL,
+    name             text,
+    status           text NOT NULL CHECK (status IN ('pending', 'running', 'completed',
+                                                     'failed', 'cancelled')),
+    instance         text,
+    cancel_requested boolean NOT NULL DEFAULT false,
+    steps_total      integer NOT NULL,
+    steps_done       integer NOT NULL DEFAULT 0,
+    error            text,
+    created_at       timestamptz NOT NULL DEFAULT now(),
+    updated_at       timestamptz NOT NULL DEFAULT now(),
+    finished_at      timestamptz,
+    state            jsonb NOT NULL
+);
+CREATE INDEX citadel_workflows_created ON citadel_workflows (created_at DESC);
+CREATE INDEX citadel_workflows_owner ON citadel_workflows (owner, created_at DESC);
+CREATE INDEX citadel_workflows_status ON citadel_workflows (status, created_at DESC);
+CREATE INDEX citadel_workflows_unfinished ON citadel_workflows (updated_at)
+    WHERE finished_at IS NULL;
+CREATE INDEX citadel_workflows_finished ON citadel_workflows (finished_at)
+    WHERE finished_at IS NOT NULL;"""
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "audit, health history, task log, workflow state, vector outbox", V1),
     Migration(2, "api keys", V2),
     Migration(3, "request audit trail: principal, role, method, path, latency, client, "
                  "body hash", V3),
+    Migration(4, "workflows", V4),
 )
 
 
