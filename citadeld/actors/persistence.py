@@ -342,44 +342,6 @@ class PersistenceActor(SupervisedActor):
                 (days * 86400.0, chunk))
             return int(cur.rowcount)
 
-    async def _op_workflow_put(self, arg: dict[str, Any]) -> int:
-        """Insert or update a workflow's state; with ``expected_version`` the update only
-        happens at that version (optimistic concurrency). Returns the new version or -1."""
-        finished = arg["status"] in ("succeeded", "failed", "cancelled")
-        params = (arg["workflow_id"], arg["kind"], arg["status"], _json_dumps(arg["state"]),
-                  finished)
-        async with self.pool.acquire() as conn, conn.cursor() as cur:
-            expected = arg.get("expected_version")
-            if expected is None:
-                await cur.execute(
-                    "INSERT INTO citadel_workflow_state AS w (workflow_id, kind, status, state,"
-                    " finished_at) VALUES (%s, %s, %s, %s::jsonb,"
-                    " CASE WHEN %s THEN now() END)"
-                    " ON CONFLICT (workflow_id) DO UPDATE SET kind = EXCLUDED.kind,"
-                    " status = EXCLUDED.status, state = EXCLUDED.state,"
-                    " finished_at = EXCLUDED.finished_at, version = w.version + 1,"
-                    " updated_at = now() RETURNING version", params)
-            else:
-                await cur.execute(
-                    "UPDATE citadel_workflow_state SET kind = %s, status = %s, state = %s::jsonb,"
-                    " finished_at = CASE WHEN %s THEN now() END, version = version + 1,"
-                    " updated_at = now() WHERE workflow_id = %s AND version = %s"
-                    " RETURNING version", (*params[1:], params[0], expected))
-            row = await cur.fetchone()
-        return int(row[0]) if row else -1
-
-    async def _op_workflow_get(self, workflow_id: str) -> dict[str, Any] | None:
-        async with self.pool.acquire() as conn, conn.cursor() as cur:
-            await cur.execute(
-                "SELECT workflow_id, kind, status, state, version,"
-                " extract(epoch FROM created_at), extract(epoch FROM updated_at)"
-                " FROM citadel_workflow_state WHERE workflow_id = %s", (workflow_id,))
-            row = await cur.fetchone()
-        if row is None:
-            return None
-        keys = ("workflow_id", "kind", "status", "state", "version", "created_at", "updated_at")
-        return dict(zip(keys, row, strict=True))
-
 
 def _json_dumps(value: Any) -> str:
     return orjson.dumps(value, default=str, option=orjson.OPT_SERIALIZE_NUMPY).decode()
@@ -618,19 +580,6 @@ class Persistence:
     async def outbox_status(self, seq: int) -> dict[str, Any] | None:
         status: dict[str, Any] | None = await self.call("outbox_status", seq)
         return status
-
-    # -- workflow state (for the workflow actors) --
-
-    async def workflow_put(self, workflow_id: str, kind: str, status: str, state: dict[str, Any],
-                           expected_version: int | None = None) -> int:
-        version: int = await self.call("workflow_put", {
-            "workflow_id": workflow_id, "kind": kind, "status": status, "state": state,
-            "expected_version": expected_version})
-        return version
-
-    async def workflow_get(self, workflow_id: str) -> dict[str, Any] | None:
-        row: dict[str, Any] | None = await self.call("workflow_get", workflow_id)
-        return row
 
     # -- background work --
 

@@ -1,5 +1,5 @@
 """PersistenceActor and its facade against real PostgreSQL: migrations under the advisory lock,
-batched rows, retention, outbox, workflow state; outages of a throwaway server (buffer, spill,
+batched rows, retention, outbox; outages of a throwaway server (buffer, spill,
 replay) and connections dropped mid-transaction."""
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ async def test_daemons_starting_together_migrate_once(tmp_path: Path, dsn: str) 
         (len(migrations.MIGRATIONS),)]
 
 
-# ---- rows, retention, outbox, workflow ---------------------------------------------------
+# ---- rows, retention, outbox ---------------------------------------------------------
 
 
 async def test_rows_are_batched_and_pruned(tmp_path: Path, dsn: str) -> None:
@@ -133,7 +133,7 @@ async def test_rows_are_batched_and_pruned(tmp_path: Path, dsn: str) -> None:
         assert q(dsn, "SELECT count(*) FROM citadel_audit_log") == [(120,)]
 
 
-async def test_outbox_and_workflow_state(tmp_path: Path, dsn: str) -> None:
+async def test_outbox(tmp_path: Path, dsn: str) -> None:
     async with persistence(tmp_path, dsn) as p:
         body = {"kind": "upsert", "collection": "c", "points": [{"id": "a"}, {"id": "b"}]}
         seqs = await p.outbox_append([body, {**body, "kind": "delete"}], "rid")
@@ -148,13 +148,6 @@ async def test_outbox_and_workflow_state(tmp_path: Path, dsn: str) -> None:
         assert s0 is not None and s0["status"] == "applied" and s0["items"] == 2
         assert s1 is not None and s1["status"] == "failed" and s1["error"] == "rejected"
         assert await p.outbox_status(10**9) is None
-        v1 = await p.workflow_put("wf-1", "ingest", "running", {"step": 1})
-        v2 = await p.workflow_put("wf-1", "ingest", "running", {"step": 2}, expected_version=v1)
-        assert (v1, v2) == (1, 2)
-        assert await p.workflow_put("wf-1", "ingest", "x", {}, expected_version=1) == -1
-        got = await p.workflow_get("wf-1")
-        assert got is not None and got["state"] == {"step": 2} and got["version"] == 2
-        assert await p.workflow_get("nope") is None
 
 
 # ---- outages -------------------------------------------------------------------------------
