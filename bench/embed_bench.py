@@ -25,7 +25,6 @@ import datetime as dt
 import json
 import math
 import os
-import platform
 import resource
 import select
 import shlex
@@ -40,7 +39,6 @@ import traceback
 import tracemalloc
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +51,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from bench import workload  # noqa: E402
+from bench.report import Figure, machine, render, table, write_section  # noqa: E402
 from tests.fakes.process import start_fake, stop_fake  # noqa: E402
 from tests.support.daemon import DaemonProc  # noqa: E402
 
@@ -73,29 +72,6 @@ WARMUP_OFFSET = 10_000_000  # warmup texts: same seed, indices far above the mea
 
 
 # ---- results -------------------------------------------------------------------------------
-
-
-@dataclass
-class Row:
-    """One line of the results table: a target and what was measured against it."""
-
-    figure: str
-    what: str
-    target: str
-    measured: str
-    status: str  # PASS | FAIL | INFO
-
-
-@dataclass
-class Figure:
-    key: str
-    title: str
-    rows: list[Row] = field(default_factory=list)
-    details: list[str] = field(default_factory=list)
-
-    def row(self, what: str, target: str, measured: str, ok: bool | None) -> None:
-        status = "INFO" if ok is None else ("PASS" if ok else "FAIL")
-        self.rows.append(Row(self.key, what, target, measured, status))
 
 
 def log(msg: str) -> None:
@@ -775,84 +751,15 @@ def fig5_memory(args: argparse.Namespace, procs: Procs) -> Figure:
 # ---- report ----------------------------------------------------------------------------------
 
 
-def machine() -> dict[str, str]:
-    def read(path: str) -> str:
-        try:
-            return Path(path).read_text()
-        except OSError:
-            return ""
-
-    cpu = next((ln.split(":", 1)[1].strip() for ln in read("/proc/cpuinfo").splitlines()
-                if ln.startswith("model name")), platform.processor() or "?")
-    mem_kb = next((int(ln.split()[1]) for ln in read("/proc/meminfo").splitlines()
-                   if ln.startswith("MemTotal:")), 0)
-    distro = next((ln.split("=", 1)[1].strip('"') for ln in read("/etc/os-release").splitlines()
-                   if ln.startswith("PRETTY_NAME=")), "?")
-    wrk = "absent"
-    if shutil.which("wrk"):
-        out = subprocess.run(["wrk", "--version"], capture_output=True, text=True)
-        wrk = (out.stdout or out.stderr).split("[")[0].strip().removeprefix("wrk ") or "present"
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True, cwd=REPO_ROOT).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True,
-                           cwd=REPO_ROOT).stdout.strip()
-    return {
-        "nproc": str(len(os.sched_getaffinity(0))),
-        "cpu": cpu,
-        "ram": f"{mem_kb / 2**20:.1f} GiB",
-        "python": platform.python_version(),
-        "kernel": platform.release(),
-        "os": distro,
-        "wrk": wrk,
-        "commit": f"{commit}{' + uncommitted changes' if dirty else ''}",
-    }
-
-
-def table(rows: list[Row]) -> list[str]:
-    out = ["| figure | what | target | measured | result |", "|---|---|---|---|---|"]
-    out += [f"| {r.figure} | {r.what} | {r.target} | {r.measured} | **{r.status}** |"
-            for r in rows]
-    return out
-
-
 def report(figures: list[Figure], command: str, started: dt.datetime, took: float) -> str:
-    m = machine()
-    lines = [
-        BEGIN,
-        "## Embedding figures (`bench/embed_bench.py`)",
-        "",
-        f"- command: `{command}`",
-        f"- date: {started.strftime('%Y-%m-%d %H:%M UTC')}, took {took / 60:.1f} min",
-        f"- machine: {m['nproc']} cores ({m['cpu']}), {m['ram']} RAM, {m['os']}, kernel "
-        f"{m['kernel']}, Python {m['python']}, wrk {m['wrk']}",
-        f"- citadeld: commit {m['commit']}",
-        "",
-        *table([r for f in figures for r in f.rows]),
-        "",
-    ]
-    for f in figures:
-        lines.append(f"### {f.key}. {f.title}")
-        lines.append("")
-        in_table = False
-        for d in f.details:  # markdown tables need blank lines around them
-            if d.startswith("|") != in_table:
-                in_table = not in_table
-                lines.append("")
-            lines.append(d if in_table else f"- {d}")
-        lines.append("")
-    lines.append(END)
-    return "\n".join(lines) + "\n"
+    return render(BEGIN, END, "Embedding figures (`bench/embed_bench.py`)", figures, command,
+                  started, took,
+                  tools=f", wrk {machine()['wrk']}")
 
 
 def write_results(path: Path, section: str) -> None:
     """Replace this benchmark's section, keeping whatever other benchmarks wrote."""
-    text = path.read_text() if path.exists() else "# Benchmark results\n\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + section.rstrip("\n") + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
+    write_section(path, BEGIN, END, section)
 
 
 # ---- main ------------------------------------------------------------------------------------

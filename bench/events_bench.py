@@ -41,6 +41,8 @@ BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
 sys.path.insert(0, str(REPO_ROOT))
 
+from bench.report import write_section  # noqa: E402
+
 RESULTS = BENCH_DIR / "RESULTS.md"
 SCRIPT = str(Path(__file__).resolve())
 BEGIN, END = "<!-- events:begin -->", "<!-- events:end -->"
@@ -440,13 +442,8 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace, command: str,
 
 
 def write_results(path: Path, section: str) -> None:
-    text = path.read_text() if path.exists() else "# Benchmark results\n\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + section.rstrip("\n") + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
+    """Replace this benchmark's section, keeping whatever other benchmarks wrote."""
+    write_section(path, BEGIN, END, section)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -24,7 +24,6 @@ import asyncio
 import datetime as dt
 import math
 import os
-import platform
 import shlex
 import signal
 import subprocess
@@ -41,6 +40,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from bench.report import machine, write_section  # noqa: E402
 from tests.fakes.process import start_fake, stop_fake  # noqa: E402
 from tests.support.daemon import DaemonProc  # noqa: E402
 
@@ -249,23 +249,6 @@ def scrape(d: DaemonProc) -> dict[str, float]:
 # ---- report ------------------------------------------------------------------------------------
 
 
-def machine() -> dict[str, str]:
-    def read(path: str) -> str:
-        try:
-            return Path(path).read_text()
-        except OSError:
-            return ""
-
-    cpu = next((ln.split(":", 1)[1].strip() for ln in read("/proc/cpuinfo").splitlines()
-                if ln.startswith("model name")), platform.processor() or "?")
-    mem_kb = next((int(ln.split()[1]) for ln in read("/proc/meminfo").splitlines()
-                   if ln.startswith("MemTotal:")), 0)
-    load = read("/proc/loadavg").split()[:3]
-    return {"nproc": str(len(os.sched_getaffinity(0))), "cpu": cpu,
-            "ram": f"{mem_kb / 2**20:.1f} GiB", "python": platform.python_version(),
-            "kernel": platform.release(), "load": " ".join(load)}
-
-
 def verdict(ok: bool) -> str:
     return "**PASS**" if ok else "**FAIL**"
 
@@ -371,13 +354,7 @@ def report(ov: dict[str, Any], fo: dict[str, Any], metrics: dict[str, float], co
 
 def write_results(path: Path, section: str) -> None:
     """Replace this benchmark's section, keeping whatever other benchmarks wrote."""
-    text = path.read_text() if path.exists() else "# Benchmark results\n\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + section.rstrip("\n") + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
+    write_section(path, BEGIN, END, section)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,7 +25,6 @@ import shlex
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +37,8 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from bench import workload  # noqa: E402
-from bench.embed_bench import CLIENTS, CpuMeter, fmt_other, machine, run_loadgen  # noqa: E402
+from bench.embed_bench import CLIENTS, CpuMeter, fmt_other, run_loadgen  # noqa: E402
+from bench.report import Figure, render, write_section  # noqa: E402
 from tests.fakes.process import start_fake, stop_fake  # noqa: E402
 from tests.support.daemon import DaemonProc  # noqa: E402
 
@@ -77,31 +77,6 @@ def search_vector(seed: int = 0, dims: int = DIMS, limit: int = 10, collection: 
 
 
 # ---- report --------------------------------------------------------------------------------
-
-@dataclass
-class Row:
-    figure: str
-    what: str
-    target: str
-    measured: str
-    ok: bool | None
-
-    @property
-    def status(self) -> str:
-        return "measured" if self.ok is None else "PASS" if self.ok else "FAIL"
-
-
-@dataclass
-class Figure:
-    key: str
-    title: str
-    rows: list[Row] = field(default_factory=list)
-    details: list[str] = field(default_factory=list)
-
-    def row(self, what: str, target: str, measured: str, ok: bool | None) -> None:
-        self.rows.append(Row(self.key, what, target, measured, ok))
-        log(f"  {self.key} {what}: {measured} (target {target})")
-
 
 def daemon_config(**extra: Any) -> dict[str, Any]:
     """The embedded default: in-process all-MiniLM, in-process cache, embedded Qdrant."""
@@ -275,45 +250,14 @@ def s3_search(args: argparse.Namespace, workdir: Path) -> Figure:
     return fig
 
 
-def table(rows: list[Row]) -> list[str]:
-    out = ["| figure | what | target | measured | result |", "|---|---|---|---|---|"]
-    out += [f"| {r.figure} | {r.what} | {r.target} | {r.measured} | **{r.status}** |"
-            for r in rows]
-    return out
-
-
 def report(figures: list[Figure], command: str, started: dt.datetime, took: float) -> str:
-    m = machine()
-    lines = [
-        BEGIN,
-        "## Vector store figures (`bench/store_bench.py`)",
-        "",
-        f"- command: `{command}`",
-        f"- date: {started.strftime('%Y-%m-%d %H:%M UTC')}, took {took / 60:.1f} min",
-        f"- machine: {m['nproc']} cores ({m['cpu']}), {m['ram']} RAM, {m['os']}, kernel "
-        f"{m['kernel']}, Python {m['python']}",
-        f"- citadeld: commit {m['commit']}",
-        "",
-        *table([r for f in figures for r in f.rows]),
-        "",
-    ]
-    for f in figures:
-        lines += [f"### {f.key}. {f.title}", ""]
-        lines += [f"- {d}" for d in f.details]
-        lines.append("")
-    lines.append(END)
-    return "\n".join(lines) + "\n"
+    return render(BEGIN, END, "Vector store figures (`bench/store_bench.py`)", figures, command,
+                  started, took)
 
 
 def write_results(path: Path, section: str) -> None:
     """Replace this benchmark's section, keeping whatever other benchmarks wrote."""
-    text = path.read_text() if path.exists() else "# Benchmark results\n\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + section.rstrip("\n") + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
+    write_section(path, BEGIN, END, section)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -40,7 +40,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from bench.embed_bench import CpuMeter, fmt_other, machine  # noqa: E402
+from bench.embed_bench import CpuMeter, fmt_other  # noqa: E402
+from bench.report import machine, write_section  # noqa: E402
 from tests.fakes.process import start_fake, stop_fake  # noqa: E402
 from tests.support.pg import temp_database  # noqa: E402
 from tests.support.workflow_chaos import daemon_config, kill9_scenario, start  # noqa: E402
@@ -351,13 +352,8 @@ def report(r1: dict[str, Any] | None, r2: dict[str, Any] | None, command: str,
 
 
 def write_results(path: Path, section: str) -> None:
-    text = path.read_text() if path.exists() else "# Benchmark results\n\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + section.rstrip("\n") + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
+    """Replace this benchmark's section, keeping whatever other benchmarks wrote."""
+    write_section(path, BEGIN, END, section)
 
 
 def main(argv: list[str] | None = None) -> int:
