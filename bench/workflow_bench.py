@@ -303,21 +303,23 @@ def report(r1: dict[str, Any] | None, r2: dict[str, Any] | None, command: str,
     m = machine()
     rows = ["| figure | what | target | measured | result |", "|---|---|---|---|---|"]
     details: list[str] = []
+    noisy = r1 is not None and "NOISY" in str(r1.get("other_cpu"))
+    mark = " (NOISY machine)" if noisy else ""
     if r1 is not None:
         ok = r1.get("completed") == r1["n"]
         rows.append(f"| W1 | {r1['n']} concurrent workflows (embed + search + LLM), all "
                     f"complete | all | {r1.get('completed')} of {r1['n']} completed "
-                    f"| **{'pass' if ok else 'FAIL'}** |")
+                    f"| **{'PASS' if ok else 'FAIL'}** |")
         rows.append(f"| W1 | throughput, completion time | reported | "
                     f"{r1.get('throughput')} workflows/s; completion p50 {r1.get('p50_s')} s, "
-                    f"p99 {r1.get('p99_s')} s, max {r1.get('max_s')} s | noisy |")
+                    f"p99 {r1.get('p99_s')} s, max {r1.get('max_s')} s | **INFO** |")
         if r1.get("lag_p99_ms") is not None and not r1.get("lag_error"):
             lag_ok = r1["lag_p99_ms"] <= 50
             rows.append(f"| W1 | event delivery lag (publish -> SSE client) | p99 <= 50 ms | "
                         f"p99 {r1['lag_p99_ms']} ms (p50 {r1['lag_p50_ms']} ms, max "
                         f"{r1['lag_max_ms']} ms, {r1['events']} events, "
                         f"{r1.get('terminal_events')} runs ended, {r1.get('gaps')} GAPs) | "
-                        f"**{'pass' if lag_ok else 'FAIL'}** (noisy) |")
+                        f"**{'PASS' if lag_ok else 'FAIL'}**{mark} |")
         else:
             rows.append(f"| W1 | event delivery lag | p99 <= 50 ms | not measured: "
                         f"{r1.get('lag_error')} | n/a |")
@@ -335,7 +337,7 @@ def report(r1: dict[str, Any] | None, r2: dict[str, Any] | None, command: str,
     if r2 is not None:
         rows.append(f"| W2 | workflows lost across kill -9 of one of two daemons | 0 | "
                     f"{r2['lost']} ({r2['accepted']} accepted, {r2['resumed']} resumed by "
-                    f"the survivor) | **{'pass' if r2['lost'] == 0 else 'FAIL'}** |")
+                    f"the survivor) | **{'PASS' if r2['lost'] == 0 else 'FAIL'}** |")
         details.append(f"W2: {r2['line']}; survivor finished everything {r2['seconds']} s "
                        f"after the kill (claim timeout 1.5 s); statuses {r2['statuses']}")
     lines = [BEGIN, "## Workflow figures (`bench/workflow_bench.py`)", "",
@@ -344,8 +346,8 @@ def report(r1: dict[str, Any] | None, r2: dict[str, Any] | None, command: str,
              f"- machine: {m['nproc']} cores ({m['cpu']}), {m['ram']} RAM, {m['os']}, kernel "
              f"{m['kernel']}, Python {m['python']}",
              f"- citadeld: commit {m['commit']}",
-             "- **noisy**: run once on a shared 2-core machine with other agents' tests "
-             "running; timings are indicative only", "", *rows, ""]
+             f"- other processes during W1: {r1.get('other_cpu') if r1 else 'not measured'}",
+             "", *rows, ""]
     lines += [f"- {d}" for d in details]
     lines += ["", END]
     return "\n".join(lines) + "\n"
