@@ -17,13 +17,12 @@ from aiohttp.test_utils import TestClient, TestServer
 from citadeld.config import Config
 from citadeld.health import HealthState
 from citadeld.http import embed_routes, health_routes, llm_routes
-from citadeld.http.app import core_middleware
+from citadeld.http.app import core_middleware, install_core
 from citadeld.llm.config import LLMConfig
 from citadeld.llm.metrics import LLMMetrics
 from citadeld.llm.registry import Registry
 from citadeld.llm.router import LLMRouter
 from citadeld.metrics import Metrics
-from citadeld.state import STATE
 from tests.fakes.faults import FakeServer
 from tests.fakes.ollama import FakeOllama
 from tests.fakes.openai_compat import FakeOpenAI
@@ -112,7 +111,7 @@ async def llm_env(
                             cache=SimpleNamespace(stats=dict), extra={})
     app = web.Application(middlewares=[core_middleware],
                           client_max_size=config.server.max_body_bytes)
-    app[STATE] = state  # type: ignore[misc]
+    install_core(app, state)  # type: ignore[arg-type]
     embed_routes.add_routes(app)
     llm_routes.add_routes(app)
     health_routes.add_routes(app)
