@@ -28,3 +28,23 @@ def reject(cf: concurrent.futures.Future[Any], exc: BaseException) -> None:
             cf.set_exception(exc)
         except concurrent.futures.InvalidStateError:
             pass
+
+
+def fail_queued(actor: Any, work: Any, kind: type[Any], exc: BaseException) -> None:
+    """On an actor's crash, reject the future of the `kind` message in hand (`work`) and of every
+    `kind` message still in its inbox: pykka drops unprocessed ``tell`` messages silently, which
+    would leave their callers waiting. Other envelopes (pykka's own ``ask``s, e.g. pings) go
+    back to the inbox for pykka's teardown to answer."""
+    if isinstance(work, kind):
+        reject(work.future, exc)
+    others = []
+    inbox = actor.actor_inbox
+    while not inbox.empty():
+        envelope = inbox.get()
+        msg: Any = envelope.message
+        if isinstance(msg, kind):
+            reject(msg.future, exc)
+        else:
+            others.append(envelope)
+    for envelope in others:
+        inbox.put(envelope)

@@ -23,7 +23,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from citadeld.bridge import reject, resolve
+from citadeld.bridge import fail_queued, reject, resolve
 from citadeld.cache_core import (
     VALUE_FORMATS,
     Circuit,
@@ -141,17 +141,7 @@ class CacheActor(SupervisedActor):
         """On a crash, fail the message in hand and every cache message still queued: pykka
         drops unprocessed ``tell`` messages silently, which would leave callers waiting."""
         work, self.current_work = self.current_work, None
-        if isinstance(work, _Msg):
-            reject(work.future, exc)
-        others = []
-        while not self.actor_inbox.empty():
-            envelope = self.actor_inbox.get()
-            if isinstance(envelope.message, _Msg):
-                reject(envelope.message.future, exc)
-            else:
-                others.append(envelope)  # pykka's teardown answers those (e.g. Ping asks)
-        for envelope in others:
-            self.actor_inbox.put(envelope)
+        fail_queued(self, work, _Msg, exc)
         client, self.client = self.client, None
         if client is not None:
             with contextlib.suppress(Exception):

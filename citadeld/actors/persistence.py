@@ -31,7 +31,7 @@ from typing import Any
 import orjson
 import pykka
 
-from citadeld.bridge import reject, resolve
+from citadeld.bridge import fail_queued, reject, resolve
 from citadeld.health import HealthState
 from citadeld.storage import migrations
 from citadeld.storage.config import PersistenceConfig
@@ -184,17 +184,7 @@ class PersistenceActor(SupervisedActor):
 
     def fail_in_hand(self, exc: BaseException) -> None:
         work, self.current_work = self.current_work, None
-        if isinstance(work, _Msg):
-            reject(work.future, exc)
-        others = []
-        while not self.actor_inbox.empty():
-            envelope = self.actor_inbox.get()
-            if isinstance(envelope.message, _Msg):
-                reject(envelope.message.future, exc)
-            else:
-                others.append(envelope)
-        for envelope in others:
-            self.actor_inbox.put(envelope)
+        fail_queued(self, work, _Msg, exc)
         loop, self.loop = self.loop, None
         if loop is not None and not loop.is_closed():
             if self.pool is not None:

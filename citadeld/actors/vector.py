@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import pykka
 
-from citadeld.bridge import reject, resolve
+from citadeld.bridge import fail_queued, reject, resolve
 from citadeld.storage.config import VectorsConfig
 from citadeld.storage.ops import VectorOp
 from citadeld.supervision import ChildLink, ChildSpec, SupervisedActor
@@ -278,17 +278,7 @@ class VectorActor(SupervisedActor):
 
     def fail_in_hand(self, exc: BaseException) -> None:
         work, self.current_work = self.current_work, None
-        if isinstance(work, _Msg):
-            reject(work.future, exc)
-        others = []
-        while not self.actor_inbox.empty():
-            envelope = self.actor_inbox.get()
-            if isinstance(envelope.message, _Msg):
-                reject(envelope.message.future, exc)
-            else:
-                others.append(envelope)
-        for envelope in others:
-            self.actor_inbox.put(envelope)
+        fail_queued(self, work, _Msg, exc)
         self._close()
 
     def _close(self) -> None:
