@@ -23,6 +23,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from citadeld.actors.facade import ActorFacade
 from citadeld.bridge import fail_queued, reject, resolve
 from citadeld.cache_core import (
     VALUE_FORMATS,
@@ -160,7 +161,7 @@ class _Batch:
         self.fut: asyncio.Future[dict[bytes, Vec]] = loop.create_future()
 
 
-class RedisCache(EmbeddingCache):
+class RedisCache(EmbeddingCache, ActorFacade):
     """Loop-side facade of the CacheActor: coalesces, bridges futures, breaks the circuit.
 
     After a failure Redis is skipped for a backoff (1 s doubling to 10 s; see Circuit); a good
@@ -174,6 +175,7 @@ class RedisCache(EmbeddingCache):
                  on_error: Callable[[], None] | None = None, coalesce_s: float = 0.0,
                  backoff_s: tuple[float, float] = (1.0, 10.0)) -> None:
         super().__init__(on_hit, on_miss, on_error)
+        ActorFacade.__init__(self)
         # What the supervisor's ChildSpec passes to CacheActor.start (plus link=...).
         self.actor_kwargs: dict[str, Any] = dict(redis_url=redis_url, key_prefix=key_prefix,
                                                  ttl_s=ttl_s, value_format=value_format,
@@ -181,14 +183,12 @@ class RedisCache(EmbeddingCache):
         self.value_format, self.timeout_s, self.coalesce_s = value_format, timeout_s, coalesce_s
         self.circuit = Circuit(*backoff_s, what="redis cache")
         self.skipped = 0  # calls answered as misses without asking Redis (circuit open)
-        self._actor: pykka.ActorRef[Any] | None = None
-        self._owned = self._closed = self._flush_scheduled = False
+        self._closed = self._flush_scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None
         with contextlib.suppress(RuntimeError):
             self._loop = asyncio.get_running_loop()
         self._batch: _Batch | None = None
         self._puts: dict[bytes, bytes] = {}
-        self._inflight: set[concurrent.futures.Future[Any]] = set()
 
     # -- actor wiring: see child_spec(); these are safe from the supervisor's thread --
 
@@ -197,18 +197,8 @@ class RedisCache(EmbeddingCache):
         return ChildSpec(name=name, on_started=self.set_actor_ref, on_died=self.actor_died,
                          start=lambda link: CacheActor.start(**self.actor_kwargs, link=link), **kw)
 
-    def set_actor_ref(self, ref: pykka.ActorRef[Any] | None, *, owned: bool = False) -> None:
-        """Swap in a (restarted) actor; requests in flight to the old one fail now (misses)."""
-        old, self._actor, was_owned, self._owned = self._actor, ref, self._owned, owned
-        if old is not None and old is not ref:
-            self.actor_died(pykka.ActorDeadError("cache actor replaced"))
-            if was_owned:
-                old.stop(block=False)
-
-    def actor_died(self, exc: BaseException | None = None) -> None:
-        """ChildSpec.on_died: fail outstanding requests at once instead of at their timeout."""
-        for cf in list(self._inflight):
-            reject(cf, exc or pykka.ActorDeadError("cache actor stopped"))
+    def start_actor(self) -> pykka.ActorRef[Any]:
+        return CacheActor.start(**self.actor_kwargs)
 
     def _send(self, msg: _Msg, loop: asyncio.AbstractEventLoop) -> asyncio.Future[Any]:
         """tell() the actor; the reply comes back through the concurrent future in the message."""
@@ -219,7 +209,7 @@ class RedisCache(EmbeddingCache):
             if self._closed:
                 raise RuntimeError("cache closed")
             if self._actor is None:  # nobody wired a supervised actor: run our own
-                self.set_actor_ref(CacheActor.start(**self.actor_kwargs), owned=True)
+                self.start_unsupervised()
             assert self._actor is not None
             self._actor.tell(msg)
         except Exception as exc:  # e.g. ActorDeadError between a death and the restart
@@ -364,9 +354,7 @@ class RedisCache(EmbeddingCache):
         if batch is not None:
             self._fail_batch(batch, RuntimeError("cache closed"))
         self.actor_died(RuntimeError("cache closed"))
-        if self._owned and self._actor is not None:
-            self._actor.stop(block=False)
-        self._actor, self._owned = None, False
+        await self.release_actor()
 
 
 def build_cache(

@@ -31,6 +31,7 @@ from typing import Any
 import orjson
 import pykka
 
+from citadeld.actors.facade import ActorFacade
 from citadeld.bridge import fail_queued, reject, resolve
 from citadeld.health import HealthState
 from citadeld.storage import migrations
@@ -337,8 +338,10 @@ def _json_dumps(value: Any) -> str:
     return orjson.dumps(value, default=str, option=orjson.OPT_SERIALIZE_NUMPY).decode()
 
 
-class Persistence:
+class Persistence(ActorFacade):
     """Loop-side facade of the PersistenceActor (see the module docstring)."""
+
+    label = "persistence actor"
 
     def __init__(self, cfg: PersistenceConfig, state_dir: str, metrics: StorageMetrics,
                  health: HealthState | None = None) -> None:
@@ -355,9 +358,7 @@ class Persistence:
         self.last_error: str | None = None
         self.latency_ms: float | None = None
         self.pool_stats: dict[str, Any] = {}
-        self._actor: pykka.ActorRef[Any] | None = None
-        self._owned = False
-        self._inflight: set[concurrent.futures.Future[Any]] = set()
+        super().__init__()
         self._tasks: list[asyncio.Task[None]] = []
         self._wake = asyncio.Event()
         self._spilling: set[asyncio.Future[Any]] = set()
@@ -374,20 +375,11 @@ class Persistence:
             ping_interval=5.0, ping_timeout=self.cfg.timeout_s * 3 + 10.0,
             shutdown_timeout=self.cfg.timeout_s + 5.0)
 
-    def set_actor_ref(self, ref: pykka.ActorRef[Any] | None, *, owned: bool = False) -> None:
-        old, self._actor, was_owned, self._owned = self._actor, ref, self._owned, owned
-        if old is not None and old is not ref:
-            self.actor_died(pykka.ActorDeadError("persistence actor replaced"))
-            if was_owned:
-                old.stop(block=False)
+    def died_error(self, exc: BaseException | None) -> BaseException:
+        return PersistenceUnavailable(f"persistence actor died: {exc!r}")
 
-    def actor_died(self, exc: BaseException | None = None) -> None:
-        for cf in list(self._inflight):
-            reject(cf, PersistenceUnavailable(f"persistence actor died: {exc!r}"))
-
-    def start_unsupervised(self) -> None:
-        self.set_actor_ref(PersistenceActor.start(cfg=self.cfg, instance=self.instance),
-                           owned=True)
+    def start_actor(self) -> pykka.ActorRef[Any]:
+        return PersistenceActor.start(cfg=self.cfg, instance=self.instance)
 
     async def call(self, op: str, arg: Any = None, wait_s: float | None = None) -> Any:
         # a message may wait behind others and may retry once: allow for both
@@ -667,12 +659,7 @@ class Persistence:
             await self._spill_rows(rows)
             log.info("spilled %d unwritten rows to %s at shutdown", len(rows), self.spill.path)
         self.actor_died(RuntimeError("persistence closed"))
-        if self._owned and self._actor is not None:
-            ref = self._actor
-            with contextlib.suppress(Exception):
-                await asyncio.get_running_loop().run_in_executor(
-                    None, lambda: ref.stop(block=True, timeout=10))
-        self._actor, self._owned = None, False
+        await self.release_actor(wait_s=10)
 
 
 def _rewrite(path: Path, rows: list[Row]) -> None:

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import pykka
 
+from citadeld.actors.facade import ActorFacade
 from citadeld.bridge import fail_queued, reject, resolve
 from citadeld.storage.config import VectorsConfig
 from citadeld.storage.ops import VectorOp
@@ -515,16 +516,16 @@ class Breaker:
         self.down_since = None
 
 
-class VectorStore:
+class VectorStore(ActorFacade):
     """Loop-side facade: sends messages, bridges the replies, tracks Qdrant's availability."""
 
+    label = "vector actor"
+
     def __init__(self, cfg: VectorsConfig, local_path: str) -> None:
+        super().__init__()
         self.cfg = cfg
         self.local_path = local_path
         self.breaker = Breaker()
-        self._actor: pykka.ActorRef[Any] | None = None
-        self._owned = False
-        self._inflight: set[concurrent.futures.Future[Any]] = set()
         self._writes: deque[tuple[VectorOp, asyncio.Future[Any]]] = deque()
         self._sending = False
         self._tasks: set[asyncio.Task[None]] = set()
@@ -546,21 +547,11 @@ class VectorStore:
             ping_interval=5.0, ping_timeout=self.cfg.timeout_s + 5.0,
             shutdown_timeout=self.cfg.timeout_s + 5.0)
 
-    def set_actor_ref(self, ref: pykka.ActorRef[Any] | None, *, owned: bool = False) -> None:
-        old, self._actor, was_owned, self._owned = self._actor, ref, self._owned, owned
-        if old is not None and old is not ref:
-            self.actor_died(pykka.ActorDeadError("vector actor replaced"))
-            if was_owned:
-                old.stop(block=False)
+    def died_error(self, exc: BaseException | None) -> BaseException:
+        return QdrantUnavailable(f"vector actor died: {exc!r}")
 
-    def actor_died(self, exc: BaseException | None = None) -> None:
-        for cf in list(self._inflight):
-            reject(cf, QdrantUnavailable(f"vector actor died: {exc!r}"))
-
-    def start_unsupervised(self) -> None:
-        """Tests and tools without a supervisor: run our own actor."""
-        self.set_actor_ref(VectorActor.start(cfg=self.cfg, local_path=self.local_path),
-                           owned=True)
+    def start_actor(self) -> pykka.ActorRef[Any]:
+        return VectorActor.start(cfg=self.cfg, local_path=self.local_path)
 
     async def call(self, op: str, arg: Any = None, wait_s: float | None = None) -> Any:
         """One actor round trip. Unavailability (refused, timed out, actor down) opens the
@@ -663,9 +654,5 @@ class VectorStore:
             if not fut.done():
                 fut.set_exception(QdrantUnavailable("vector store closed"))
         self.actor_died(RuntimeError("vector store closed"))
-        if self._owned and self._actor is not None:
-            ref = self._actor  # wait: the embedded store's directory lock goes with the actor
-            with contextlib.suppress(Exception):
-                await asyncio.get_running_loop().run_in_executor(
-                    None, lambda: ref.stop(block=True, timeout=30))
-        self._actor, self._owned = None, False
+        # wait: the embedded store's directory lock goes with the actor
+        await self.release_actor(wait_s=30)
