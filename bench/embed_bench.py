@@ -757,11 +757,6 @@ def report(figures: list[Figure], command: str, started: dt.datetime, took: floa
                   tools=f", wrk {machine()['wrk']}")
 
 
-def write_results(path: Path, section: str) -> None:
-    """Replace this benchmark's section, keeping whatever other benchmarks wrote."""
-    write_section(path, BEGIN, END, section)
-
-
 # ---- main ------------------------------------------------------------------------------------
 
 
@@ -857,7 +852,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print("\n".join(table([r for f in figures for r in f.rows])))
     if not args.no_write:
-        write_results(args.results, section)
+        write_section(args.results, BEGIN, END, section)
         log(f"wrote {args.results}")
     return 0 if all(r.status != "FAIL" for f in figures for r in f.rows) else 1
 

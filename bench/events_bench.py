@@ -441,11 +441,6 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace, command: str,
     return "\n".join(lines) + "\n"
 
 
-def write_results(path: Path, section: str) -> None:
-    """Replace this benchmark's section, keeping whatever other benchmarks wrote."""
-    write_section(path, BEGIN, END, section)
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="citadeld event fan-out lag")
     p.add_argument("--bus", choices=["memory", "redis", "bare", "all"], default="all",
@@ -495,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
                                                          else sys.argv[1:])
     section = report(rows, args, command.strip(), started, load)
     if not args.no_write:
-        write_results(args.results, section)
+        write_section(args.results, BEGIN, END, section)
     print(section)
     return 0
 

@@ -352,11 +352,6 @@ def report(ov: dict[str, Any], fo: dict[str, Any], metrics: dict[str, float], co
     return "\n".join(lines) + "\n"
 
 
-def write_results(path: Path, section: str) -> None:
-    """Replace this benchmark's section, keeping whatever other benchmarks wrote."""
-    write_section(path, BEGIN, END, section)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="citadeld LLM router benchmark")
     p.add_argument("--rps", type=float, default=50)
@@ -401,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     section = report(ov, fo, metrics, command, started, load_before, args)
     print(section)
     if not args.no_write:
-        write_results(args.results, section)
+        write_section(args.results, BEGIN, END, section)
         print(f"wrote {args.results}")
     return 0
 

@@ -236,11 +236,6 @@ def report(figures: list[Figure], command: str, started: dt.datetime, took: floa
                   started, took)
 
 
-def write_results(path: Path, section: str) -> None:
-    """Replace this benchmark's section, keeping whatever other benchmarks wrote."""
-    write_section(path, BEGIN, END, section)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="citadeld security benchmarks (SEC1, SEC2)")
     p.add_argument("--figures", default="SEC1,SEC2")
@@ -274,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     section = report(figures, command, started, took)
     print(section)
     if not args.no_write:
-        write_results(args.results, section)
+        write_section(args.results, BEGIN, END, section)
         log(f"wrote {args.results}")
     return 0 if all(r.ok is not False for f in figures for r in f.rows) else 1
 

@@ -255,11 +255,6 @@ def report(figures: list[Figure], command: str, started: dt.datetime, took: floa
                   started, took)
 
 
-def write_results(path: Path, section: str) -> None:
-    """Replace this benchmark's section, keeping whatever other benchmarks wrote."""
-    write_section(path, BEGIN, END, section)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="citadeld vector store benchmarks (S1-S3)")
     p.add_argument("--figures", default="S1,S2,S3")
@@ -290,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     section = report(figures, command, started, took)
     print(section)
     if not args.no_write:
-        write_results(args.results, section)
+        write_section(args.results, BEGIN, END, section)
         log(f"wrote {args.results}")
     rows = [r for f in figures for r in f.rows]
     return 0 if all(r.ok is not False for r in rows) and not math.isnan(len(rows)) else 1

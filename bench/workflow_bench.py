@@ -353,11 +353,6 @@ def report(r1: dict[str, Any] | None, r2: dict[str, Any] | None, command: str,
     return "\n".join(lines) + "\n"
 
 
-def write_results(path: Path, section: str) -> None:
-    """Replace this benchmark's section, keeping whatever other benchmarks wrote."""
-    write_section(path, BEGIN, END, section)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="citadeld workflow benchmarks (W1, W2)")
     p.add_argument("--figures", default="W1,W2")
@@ -389,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     section = report(r1, r2, command, started, time.monotonic() - t0)
     print(section)
     if not args.no_write:
-        write_results(args.results, section)
+        write_section(args.results, BEGIN, END, section)
     ok = (r1 is None or r1.get("completed") == r1["n"]) and (r2 is None or r2["lost"] == 0)
     return 0 if ok else 1
 

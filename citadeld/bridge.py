@@ -48,3 +48,14 @@ def fail_queued(actor: Any, work: Any, kind: type[Any], exc: BaseException) -> N
             others.append(envelope)
     for envelope in others:
         inbox.put(envelope)
+
+
+def claim(fut: concurrent.futures.Future[Any]) -> bool:
+    """Mark the reply running so the caller can no longer cancel it; False when it already
+    did (or it is resolved), in which case the batch is not worth a backend call."""
+    if fut.done():
+        return False
+    try:
+        return fut.set_running_or_notify_cancel()
+    except RuntimeError:  # already running: someone else claimed it; still ours to answer
+        return not fut.done()

@@ -24,7 +24,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from citadeld.actors.facade import ActorFacade
-from citadeld.bridge import fail_queued, reject, resolve
+from citadeld.bridge import claim, fail_queued, reject, resolve
 from citadeld.cache_core import (
     VALUE_FORMATS,
     Circuit,
@@ -89,7 +89,7 @@ class CacheActor(SupervisedActor):
         if not isinstance(message, _Msg):
             return super().on_receive_supervised(message)
         fut = message.future
-        if fut.done() or (not fut.running() and not fut.set_running_or_notify_cancel()):
+        if not claim(fut):
             return None  # the waiter gave up (cancelled) or the facade failed it already
         if time.monotonic() > message.deadline:
             reject(fut, TimeoutError("stale cache request: its caller has given up"))

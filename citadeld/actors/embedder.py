@@ -17,7 +17,7 @@ from types import TracebackType
 from typing import Any
 
 from citadeld.actors.backends.base import BatchResult, EmbeddingBackend
-from citadeld.bridge import reject, resolve
+from citadeld.bridge import claim, reject, resolve
 from citadeld.errors import BackendError
 from citadeld.supervision import ChildLink, SupervisedActor
 
@@ -44,17 +44,6 @@ class Probe:
 @dataclass(frozen=True)
 class Warm:
     """Best-effort model load upstream; failures are logged, never raised."""
-
-
-def claim(fut: concurrent.futures.Future[Any]) -> bool:
-    """Mark the reply running so the caller can no longer cancel it; False when it already
-    did (or it is resolved), in which case the batch is not worth a backend call."""
-    if fut.done():
-        return False
-    try:
-        return fut.set_running_or_notify_cancel()
-    except RuntimeError:  # already running: someone else claimed it; still ours to answer
-        return not fut.done()
 
 
 class EmbedderActor(SupervisedActor):

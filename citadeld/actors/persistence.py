@@ -32,7 +32,7 @@ import orjson
 import pykka
 
 from citadeld.actors.facade import ActorFacade
-from citadeld.bridge import fail_queued, reject, resolve
+from citadeld.bridge import claim, fail_queued, reject, resolve
 from citadeld.health import HealthState
 from citadeld.storage import migrations
 from citadeld.storage.config import PersistenceConfig
@@ -126,7 +126,7 @@ class PersistenceActor(SupervisedActor):
         if not isinstance(message, _Msg):
             return super().on_receive_supervised(message)
         fut = message.future
-        if fut.done() or (not fut.running() and not fut.set_running_or_notify_cancel()):
+        if not claim(fut):
             return None
         if time.monotonic() > message.deadline:
             reject(fut, PersistenceUnavailable("stale request: its caller has given up"))

@@ -29,7 +29,7 @@ import numpy as np
 import pykka
 
 from citadeld.actors.facade import ActorFacade
-from citadeld.bridge import fail_queued, reject, resolve
+from citadeld.bridge import claim, fail_queued, reject, resolve
 from citadeld.storage.config import VectorsConfig
 from citadeld.storage.ops import VectorOp
 from citadeld.supervision import ChildLink, ChildSpec, SupervisedActor
@@ -260,7 +260,7 @@ class VectorActor(SupervisedActor):
         if not isinstance(message, _Msg):
             return super().on_receive_supervised(message)
         fut = message.future
-        if fut.done() or (not fut.running() and not fut.set_running_or_notify_cancel()):
+        if not claim(fut):
             return None
         if time.monotonic() > message.deadline:
             reject(fut, QdrantUnavailable("stale request: its caller has given up"))
