@@ -27,6 +27,12 @@ import numpy as np
 import orjson
 from aiohttp import web
 
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)
+
+from tests.fakes.faults import watch_stdin  # noqa: E402
+
 DIMS = 384
 
 
@@ -62,25 +68,6 @@ def build_app(dims: int = DIMS) -> web.Application:
     return app
 
 
-def _stop_on_stdin_eof(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
-    """The parent holds our stdin pipe; EOF means it is gone (even if it was killed)."""
-    fd = sys.stdin.fileno()
-    os.set_blocking(fd, False)
-
-    def readable() -> None:
-        try:
-            data = os.read(fd, 4096)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        if not data:
-            loop.remove_reader(fd)
-            stop.set()
-
-    loop.add_reader(fd, readable)
-
-
 async def serve(host: str, port: int, dims: int, exit_on_stdin_eof: bool = False) -> None:
     runner = web.AppRunner(build_app(dims), access_log=None)
     await runner.setup()
@@ -90,7 +77,7 @@ async def serve(host: str, port: int, dims: int, exit_on_stdin_eof: bool = False
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     if exit_on_stdin_eof:
-        _stop_on_stdin_eof(loop, stop)
+        watch_stdin(loop, stop)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()

@@ -633,7 +633,7 @@ def common_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _watch_stdin(loop: asyncio.AbstractEventLoop, done: asyncio.Event) -> None:
+def watch_stdin(loop: asyncio.AbstractEventLoop, done: asyncio.Event) -> None:
     """Stop when stdin reaches EOF: the parent holding the pipe has exited, even if killed.
     A loop reader, not a thread: a daemon thread blocked in stdin aborts interpreter exit."""
     fd = sys.stdin.fileno()
@@ -658,7 +658,7 @@ async def _serve(make: Callable[[], FakeServer], args: argparse.Namespace) -> No
     loop = asyncio.get_running_loop()
     done = asyncio.Event()
     if args.exit_on_stdin_eof:
-        _watch_stdin(loop, done)
+        watch_stdin(loop, done)
     if not args.no_preload:
         await loop.run_in_executor(None, server.vectors.load)
     for sig in (signal.SIGTERM, signal.SIGINT):  # before LISTENING: a stop may follow at once
