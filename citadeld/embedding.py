@@ -9,7 +9,7 @@ model that produced it.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 
@@ -27,12 +27,39 @@ from citadeld.errors import (
 from citadeld.metrics import Metrics
 
 
-@dataclass
 class EmbedOutcome:
-    model: str
-    vectors: np.ndarray  # (n, dims) float32
-    cached: list[bool]
-    tokens: list[int]
+    """What an embedding call produced, in input order.
+
+    ``rows`` are the vectors as 1-D arrays, which is how answers serialise them; on an
+    all-cached answer they are the cached arrays themselves (read-only, shared), and the 2-D
+    ``vectors`` is only built if someone asks for it. (``list(array2d)`` would also give rows,
+    but numpy ends that iteration with an IndexError, a costly exception per answer.)
+    """
+
+    __slots__ = ("_vectors", "cached", "model", "rows", "tokens")
+
+    def __init__(self, model: str, vectors: np.ndarray | None, cached: list[bool],
+                 tokens: list[int], rows: list[np.ndarray] | None = None) -> None:
+        self.model = model
+        self._vectors = vectors
+        self.cached = cached
+        self.tokens = tokens
+        if rows is None:
+            assert vectors is not None
+            rows = [vectors[i] for i in range(vectors.shape[0])]
+        self.rows = rows
+
+    @property
+    def vectors(self) -> np.ndarray:
+        """(n, dims) float32; may be a read-only view of cached rows."""
+        if self._vectors is None:
+            self._vectors = (self.rows[0].reshape(1, -1) if len(self.rows) == 1
+                             else np.stack(self.rows))
+        return self._vectors
+
+    @property
+    def dims(self) -> int:
+        return int(self.rows[0].shape[0]) if self.rows else 0
 
     @property
     def total_tokens(self) -> int:
@@ -130,27 +157,29 @@ class EmbeddingService:
             )
         trunc = mcfg.truncate if truncate is None else truncate
         n = len(texts)
-        vectors = np.empty((n, dims), dtype=np.float32)
-        cached = [False] * n
-        tokens = [0] * n
         misses: list[int] = list(range(n))
         keys: list[bytes] = []
+        hits: list[np.ndarray | None] = []
         if use_cache:
             t0 = time.perf_counter()
             keys = [cache_key(name, dims, mcfg.normalize, t) for t in texts]
-            hits = await self.cache.get_many(keys)
+            found = self.cache.lookup_now(keys)  # the in-process cache answers without a hop
+            hits = found if found is not None else await self.cache.get_many(keys)
             self._cache_stage[name].observe(time.perf_counter() - t0)
-            misses = []
-            for i, hit in enumerate(hits):
-                if hit is not None and hit.shape == (dims,):
-                    vectors[i] = hit
-                    cached[i] = True
-                else:
-                    misses.append(i)
+            misses = [i for i, hit in enumerate(hits) if hit is None or hit.shape != (dims,)]
             if n - len(misses):
                 self.metrics.cache_hits.inc(n - len(misses))
-            if misses:
-                self.metrics.cache_misses.inc(len(misses))
+            if not misses:  # all cached (the hot path): the cached rows themselves, no copy
+                return EmbedOutcome(name, None, [True] * n, [0] * n,
+                                    rows=cast(list[np.ndarray], hits))
+            self.metrics.cache_misses.inc(len(misses))
+        vectors = np.empty((n, dims), dtype=np.float32)
+        cached = [False] * n
+        tokens = [0] * n
+        for i, hit in enumerate(hits):
+            if hit is not None and hit.shape == (dims,):
+                vectors[i] = hit
+                cached[i] = True
         if misses:
             pool = self.pools[name]
             try:

@@ -34,7 +34,6 @@ from citadeld.state import STATE, DaemonState
 
 log = logging.getLogger("citadeld.http")
 access = AccessLog("citadeld.access")
-DEADLINES = web.AppKey("deadlines", Deadlines)
 
 _RID_OK = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _QUIET = frozenset({"/health/live", "/health/ready", "/metrics", "/health"})
@@ -50,12 +49,13 @@ _rid_seq = itertools.count(1)
 
 
 def new_request_id() -> str:
-    return f"{_RID_PREFIX}{next(_rid_seq):016x}"
+    # "%": half the cost of an f-string with a format spec, per request
+    return "%s%016x" % (_RID_PREFIX, next(_rid_seq))  # noqa: UP031
 
 
 class _RouteMetrics:
-    """Prometheus label children cached per (route, method, status): ``labels()`` hashes and
-    locks on every call, a measurable share of a cache hit."""
+    """Metric children cached per (route, method, status): ``labels()`` builds and hashes a
+    tuple of strings on every call."""
 
     __slots__ = ("_count", "_latency", "_state")
 
@@ -77,7 +77,18 @@ class _RouteMetrics:
         hist.observe(elapsed)
 
 
-ROUTE_METRICS = web.AppKey("route_metrics", _RouteMetrics)
+class _Core:
+    """What the core middleware needs per request, behind one app lookup instead of three."""
+
+    __slots__ = ("deadlines", "metrics", "state")
+
+    def __init__(self, state: DaemonState, deadlines: Deadlines) -> None:
+        self.state = state
+        self.deadlines = deadlines
+        self.metrics = _RouteMetrics(state)
+
+
+CORE = web.AppKey("citadel_core", _Core)
 
 
 def _http_error(exc: web.HTTPException) -> CitadelError:
@@ -92,23 +103,24 @@ def _http_error(exc: web.HTTPException) -> CitadelError:
 
 @web.middleware
 async def core_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    app = request.app
-    state: DaemonState = app[STATE]
+    core = request.app[CORE]
+    state = core.state
     incoming = request.headers.get("X-Request-ID")
     rid = incoming if incoming and _RID_OK.match(incoming) else new_request_id()
     token = request_id.set(rid)
     t0 = time.perf_counter()
     match_info = request.match_info
-    route = match_info.route.resource
-    route_name = route.canonical if route is not None else "unmatched"
+    route = match_info.route
+    resource = route.resource
+    route_name = resource.canonical if resource is not None else "unmatched"
     status = 500
-    deadlines = app[DEADLINES]
+    deadlines = core.deadlines
     task: asyncio.Task[Any] | None = None
     try:
         if state.draining and not request.path.startswith(_ALWAYS_OPEN):
             raise Unavailable("daemon is draining; retry on another instance", retry_after=5)
         # routes marked own_deadline (LLM streams) bound their own time; this would cut them
-        if not getattr(match_info.handler, "own_deadline", False):
+        if not getattr(route.handler, "own_deadline", False):
             # this request's own task (request.task is the connection's, which awaits it)
             task = asyncio.current_task()
             if task is not None:
@@ -148,11 +160,10 @@ async def core_middleware(request: web.Request, handler: Handler) -> web.StreamR
         status = 500
     finally:
         elapsed = time.perf_counter() - t0
-        app[ROUTE_METRICS].record(route_name, request.method, status, elapsed)
-        if access.enabled() and request.path not in _QUIET:
-            access.write(rid, {"method": request.method, "path": request.path,
-                               "status": status, "ms": round(elapsed * 1000, 2),
-                               "remote": request.remote})
+        core.metrics.record(route_name, request.method, status, elapsed)
+        path = request.path
+        if path not in _QUIET and access.enabled():
+            access.request(rid, request.method, path, status, elapsed, request.remote)
         record_request(request, status, elapsed, rid)
         request_id.reset(token)
     resp.headers["X-Request-ID"] = rid
@@ -160,18 +171,17 @@ async def core_middleware(request: web.Request, handler: Handler) -> web.StreamR
 
 
 async def _start_deadlines(app: web.Application) -> None:
-    app[DEADLINES].start()
+    app[CORE].deadlines.start()
 
 
 async def _stop_deadlines(app: web.Application) -> None:
-    await app[DEADLINES].stop()
+    await app[CORE].deadlines.stop()
 
 
 def install_core(app: web.Application, state: DaemonState, resolution: float = 0.25) -> None:
     """What core_middleware needs on its app: the state, the deadline sweeper, metric children."""
     app[STATE] = state
-    app[DEADLINES] = Deadlines(resolution)
-    app[ROUTE_METRICS] = _RouteMetrics(state)
+    app[CORE] = _Core(state, Deadlines(resolution))
     app.on_startup.append(_start_deadlines)
     app.on_cleanup.append(_stop_deadlines)
 

@@ -37,8 +37,8 @@ async def native_embed(request: web.Request) -> web.Response:
     )
     return json_response({
         "model": out.model,
-        "dimensions": int(out.vectors.shape[1]),
-        "embeddings": list(out.vectors),  # rows: orjson writes 1-D arrays faster than 2-D
+        "dimensions": out.dims,
+        "embeddings": out.rows,  # rows: orjson writes 1-D arrays faster than 2-D
         "cached": out.cached,
         "usage": {"tokens": out.total_tokens, "cached": sum(out.cached)},
         "request_id": request_id.get() or "",
@@ -69,8 +69,8 @@ async def openai_embeddings(request: web.Request) -> web.Response:
             for i in range(len(texts))
         ]
     else:
-        data = [{"object": "embedding", "index": i, "embedding": out.vectors[i]}
-                for i in range(len(texts))]
+        data = [{"object": "embedding", "index": i, "embedding": row}
+                for i, row in enumerate(out.rows)]
     return json_response({
         "object": "list",
         "data": data,
@@ -104,7 +104,7 @@ async def ollama_embed(request: web.Request) -> web.Response:
     )
     return json_response({
         "model": out.model,
-        "embeddings": out.vectors,
+        "embeddings": out.rows,
         "total_duration": time.perf_counter_ns() - t0,
         "load_duration": 0,
         "prompt_eval_count": out.total_tokens,
@@ -119,7 +119,7 @@ async def ollama_embeddings(request: web.Request) -> web.Response:
         svc.resolve(body["model"])
         return json_response({"embedding": []})
     out = await svc.embed(body["model"], [prompt])
-    return json_response({"embedding": out.vectors[0]})
+    return json_response({"embedding": out.rows[0]})
 
 
 async def ollama_tags(request: web.Request) -> web.Response:
