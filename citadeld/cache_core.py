@@ -129,8 +129,9 @@ class EmbeddingCache(abc.ABC):
         self.hits = self.misses = self.errors = self.dropped = 0
         self._on_hit, self._on_miss, self._on_error = on_hit, on_miss, on_error
 
-    def _count(self, out: list[Vec | None]) -> list[Vec | None]:
-        misses = sum(1 for v in out if v is None)  # not list.count: arrays compare elementwise
+    def _count(self, out: list[Vec | None], misses: int | None = None) -> list[Vec | None]:
+        if misses is None:  # not list.count: arrays compare elementwise
+            misses = sum(1 for v in out if v is None)
         hits = len(out) - misses
         self.hits += hits
         self.misses += misses
@@ -206,18 +207,21 @@ class MemoryCache(EmbeddingCache):
         now = self._clock()
         out: list[Vec | None] = []
         data = self._data
+        misses = 0
         with self._lock:
             for k in keys:
                 entry = data.get(k)
                 if entry is None:
                     out.append(None)
+                    misses += 1
                 elif entry[0] <= now:
                     del data[k]  # expired: dropped on first touch
                     out.append(None)
+                    misses += 1
                 else:
                     data.move_to_end(k)
                     out.append(entry[1])
-        return self._count(out)
+        return self._count(out, misses)
 
     async def get_many(self, keys: list[bytes]) -> list[Vec | None]:
         return self.lookup(keys)
