@@ -267,6 +267,13 @@ def test_bad_input_is_a_400_naming_the_step(wfd: DaemonProc) -> None:
     assert httpx.get(wfd.url + "/api/v1/workflows?limit=0").status_code == 400
 
 
+def test_list_filter_with_a_nul_is_an_empty_page_not_a_503(wfd: DaemonProc) -> None:
+    # schemathesis found this: PostgreSQL refuses a NUL in a string parameter
+    r = httpx.get(wfd.url + "/api/v1/workflows", params={"owner": "a\x00b"}, timeout=10)
+    assert r.status_code == 200, r.text
+    assert r.json()["workflows"] == [] and r.json()["total"] == 0
+
+
 def test_kill9_one_of_two_daemons_loses_no_workflow(
         tmp_path: Path, fast: Fake, slow: Fake) -> None:
     p = new_prefix()
