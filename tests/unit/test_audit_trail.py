@@ -11,6 +11,7 @@ from typing import Any, cast
 import pytest
 from aiohttp.test_utils import make_mocked_request
 
+from citadeld.actors.persistence import AUDIT_FIELDS, _json_dumps
 from citadeld.errors import BadRequest
 from citadeld.security.audit import AuditTrail
 from citadeld.security.audit_query import build_sql, parse_filter
@@ -21,11 +22,16 @@ from citadeld.security.seclog import SecurityLog
 
 
 class Sink:
+    """Keeps each row as recorded (``raw``) and as a dict by field name (``rows``)."""
+
     def __init__(self) -> None:
         self.rows: list[tuple[str, dict[str, Any]]] = []
+        self.raw: list[Any] = []
 
-    def record(self, kind: str, row: dict[str, Any]) -> None:
-        self.rows.append((kind, row))
+    def record(self, kind: str, row: list[Any]) -> None:
+        assert isinstance(row, list) and len(row) == len(AUDIT_FIELDS)
+        self.raw.append(row)
+        self.rows.append((kind, dict(zip(AUDIT_FIELDS, row, strict=True))))
 
 
 def trail(auth: bool = False, **cfg: Any) -> tuple[AuditTrail, Sink]:
@@ -80,8 +86,7 @@ def test_exclusions_and_nul() -> None:
     t.request_done(req("GET", "/api/v1/é", principal=jwt), 200, 0.001, "z")
     row = sink.rows[-1][1]
     assert row["principal"] == "sub-?-x\ufffd" and row["path"] == "/api/v1/é"
-    from citadeld.actors.persistence import _json_dumps
-    _json_dumps([r for _, r in sink.rows])  # serialisable, as the INSERT needs
+    _json_dumps(sink.raw)  # serialisable, as the INSERT needs
 
 
 async def test_big_bodies_are_hashed_off_the_loop() -> None:
@@ -92,11 +97,12 @@ async def test_big_bodies_are_hashed_off_the_loop() -> None:
     await t.close()
     await asyncio.sleep(0)
     assert sink.rows[0][1]["body_sha256"] == hashlib.sha256(body).hexdigest()
+    assert sink.rows[0][1]["request_id"] == "big"
 
 
 def test_never_raises() -> None:
     class Broken(Sink):
-        def record(self, kind: str, row: dict[str, Any]) -> None:
+        def record(self, kind: str, row: list[Any]) -> None:
             raise RuntimeError("sink down")
 
     t = AuditTrail(AuditConfig(), cast(Any, Broken()), False)
