@@ -231,6 +231,12 @@ class PersistenceActor(SupervisedActor):
             if kind in _ROW_TABLES:
                 by_kind.setdefault(kind, []).append(row)
         counts: dict[str, int] = {}
+        if list(by_kind) == ["audit"]:  # the common batch: one statement, atomic on its own
+            items = by_kind["audit"]
+            data = _json_dumps([r if type(r) is list else audit_list(r) for r in items])
+            async with self.pool.acquire() as conn, conn.cursor() as cur:
+                await cur.execute(_AUDIT_INSERT, (self.instance, data))
+            return {"citadel_audit_log": len(items)}
         async with self.pool.acquire() as conn, conn.cursor() as cur:
             await cur.execute("BEGIN")
             try:

@@ -58,7 +58,8 @@ def test_row_fields_and_hash() -> None:
     assert row["principal"] == "local" and row["role"] == "admin"  # auth off
     assert (row["method"], row["path"], row["status"], row["request_id"]) == (
         "POST", "/api/v1/embed", 200, "rid-1")
-    assert row["latency_ms"] == 12.3 and row["body_sha256"] == hashlib.sha256(body).hexdigest()
+    assert row["latency_ms"] == pytest.approx(12.3)
+    assert row["body_sha256"] == hashlib.sha256(body).hexdigest()
     assert "sk-secret" not in repr(row)
 
 
