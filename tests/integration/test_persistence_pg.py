@@ -139,8 +139,10 @@ async def test_request_rows_as_lists_with_dict_rows_and_spilled_ones(tmp_path: P
     """The request trail's list rows, domain dict rows and list rows read back from a spill
     file land in one batch with every field in its column."""
     at = 1_700_000_000.25
+    # text that must arrive verbatim: the literal's own tags, quotes, backslashes, non-ASCII
+    path = "/api/v1/$j$x$j1$'\\\"é\n"
     request_row = [at, "http", None, "rid-list", 201, "0123456789ab", "user", "POST",
-                   "/api/v1/embed", 1.5, "127.0.0.1", "ab" * 32,
+                   path, 1.5, "127.0.0.1", "ab" * 32,
                    {"kind": "key", "key_id": "0123456789ab"}]
     assert len(request_row) == len(AUDIT_FIELDS)
     spilled = [at + 1, "http", None, "rid-spilled", 401, "10.0.0.1", None, "GET", "/x",
@@ -159,7 +161,7 @@ async def test_request_rows_as_lists_with_dict_rows_and_spilled_ones(tmp_path: P
         (got[0][0], "t", "vectors.store", "coll", "rid-dict", 200, None, None, None, None, None,
          None, None, {"items": 3}),
         (at, "t", "http", None, "rid-list", 201, "0123456789ab", "user", "POST",
-         "/api/v1/embed", 1.5, "127.0.0.1", "ab" * 32, {"kind": "key", "key_id": "0123456789ab"}),
+         path, 1.5, "127.0.0.1", "ab" * 32, {"kind": "key", "key_id": "0123456789ab"}),
         (at + 1, "t", "http", None, "rid-spilled", 401, "10.0.0.1", None, "GET", "/x", 0.25,
          "10.0.0.1", None, {"kind": "anonymous"}),
     ]

@@ -143,3 +143,12 @@ def test_resp_encoding() -> None:
     assert encode("EVALSHA", "ab", 1, "k") == (
         b"*4\r\n$7\r\nEVALSHA\r\n$2\r\nab\r\n$1\r\n1\r\n$1\r\nk\r\n")
     assert encode("SET", "k\r\n", b"\x00") == b"*3\r\n$3\r\nSET\r\n$3\r\nk\r\n\r\n$1\r\n\x00\r\n"
+
+
+def test_dollar_quoted_literal_never_ends_inside_the_data() -> None:
+    from citadeld.actors.persistence import _dollar_quoted
+    assert _dollar_quoted(b'[["a"]]') == b'$j$[["a"]]$j$'
+    data = b'["$j$", "$j1$", "$j2"]'
+    quoted = _dollar_quoted(data)
+    tag = quoted[:quoted.index(b"$", 1) + 1]
+    assert tag == b"$j2$" and quoted == tag + data + tag and tag not in data
