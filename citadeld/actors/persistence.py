@@ -260,7 +260,7 @@ class PersistenceActor(SupervisedActor):
             data = orjson.dumps([r if type(r) is list else audit_list(r) for r in items],
                                 default=str, option=orjson.OPT_SERIALIZE_NUMPY)
             async with self.pool.acquire() as conn, conn.cursor() as cur:
-                if conn.raw.encoding in ("UTF8", "UNICODE") and b"\x00" not in data:
+                if conn.raw.encoding in ("UTF8", "UNICODE"):  # orjson: UTF-8, never a raw NUL
                     if self._instance_sql is None:
                         self._instance_sql = cur.mogrify("%s", (self.instance,))
                     await cur.execute(b"".join((
