@@ -17,6 +17,8 @@ audit), an invalid one is ignored so a stale token never fails a probe.
 from __future__ import annotations
 
 import logging
+import math
+import time
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
@@ -27,7 +29,7 @@ from citadeld.logs import request_id
 from citadeld.security.config import AuthConfig
 from citadeld.security.jwt_auth import JWTVerifier, TokenRejected, looks_like_jwt
 from citadeld.security.key_store import KeyStore
-from citadeld.security.keys import key_id_of, looks_like_key
+from citadeld.security.keys import KeyEntry, key_id_of, looks_like_key
 from citadeld.security.principal import PRINCIPAL_KEY, Principal
 from citadeld.security.roles import OPEN, Policy, rank_of
 
@@ -107,13 +109,35 @@ def _refuse(request: web.Request, auth: Authenticator, status: int, message: str
     return resp
 
 
+# a cache of Authorization header values that proved to be valid API keys; past this many
+# distinct values it starts over (a daemon sees a handful of keys, not thousands)
+_CACHE_MAX = 256
+
+
 def make_middleware(auth: Authenticator) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """The middleware. A repeat ``Authorization`` value that was a valid API key costs one dict
+    lookup (no regex, no sha256): its principal is cached along with the key table it was
+    checked against, so a refresh, create or revoke (each swaps the table) and the key's expiry
+    still take effect at once. Refusals and JWTs are never cached."""
     policy = auth.policy
+    by_route = policy.by_route
     table = auth.keys.table  # the same object for the daemon's life; its entries are swapped
+    # header value -> (principal, its rank, the key's expiry, the table the key was checked in)
+    seen: dict[str, tuple[Principal, int, float, dict[str, KeyEntry]]] = {}
+    clock = time.time
 
     @web.middleware
     async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        need = policy.requirement(request.match_info.route).rank
+        route = request.match_info.route
+        req = by_route.get(route)
+        need = (req if req is not None else policy.requirement(route)).rank
+        header = request.headers.get("Authorization")
+        if header is not None:
+            hit = seen.get(header)
+            if hit is not None and hit[3] is table.entries and hit[1] >= need \
+                    and clock() < hit[2]:
+                request[PRINCIPAL_KEY] = hit[0]
+                return await handler(request)
         token = credential(request)
         principal: Principal | str
         if token is None:
@@ -126,8 +150,15 @@ def make_middleware(auth: Authenticator) -> Callable[..., Awaitable[web.StreamRe
                            " Bearer <API key or token>, or X-API-Key", auth.challenge)
         if not token:
             principal = "unusable Authorization header"
-        elif looks_like_key(token):  # the hot path: no coroutine, no await
+        elif looks_like_key(token):  # no coroutine, no await
+            entries = table.entries
             principal = table.verify(token)
+            if header is not None and isinstance(principal, Principal):
+                if len(seen) >= _CACHE_MAX:
+                    seen.clear()
+                expires = entries[principal.name].expires_at
+                seen[header] = (principal, rank_of(principal.role),
+                                math.inf if expires is None else expires, entries)
         else:
             principal = await auth.authenticate(token)
         if isinstance(principal, str):

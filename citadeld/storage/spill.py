@@ -24,7 +24,8 @@ import orjson
 
 log = logging.getLogger("citadeld.persistence")
 
-Row = tuple[str, dict[str, Any]]  # (kind: audit | health | task, row)
+# (kind: audit | health | task, row); an audit row may be a list (persistence.AUDIT_FIELDS)
+Row = tuple[str, dict[str, Any] | list[Any]]
 
 
 def _fsync_dir(path: Path) -> None:
@@ -116,7 +117,8 @@ class SpillFile:
             for line in f:
                 try:
                     item = orjson.loads(line)
-                    rows.append((str(item["k"]), dict(item["r"])))
+                    row = item["r"]
+                    rows.append((str(item["k"]), row if isinstance(row, list) else dict(row)))
                 except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
                     bad += 1
         return rows, bad

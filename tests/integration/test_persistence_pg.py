@@ -17,10 +17,11 @@ from typing import Any
 import psycopg2
 import pytest
 
-from citadeld.actors.persistence import Persistence, PersistenceUnavailable
+from citadeld.actors.persistence import AUDIT_FIELDS, Persistence, PersistenceUnavailable
 from citadeld.storage import migrations
 from citadeld.storage.config import PersistenceConfig, RetentionConfig
 from citadeld.storage.metrics import StorageMetrics
+from citadeld.storage.spill import SpillFile
 from tests.support.pg import (
     ThrowawayPostgres,
     binaries_available,
@@ -133,6 +134,40 @@ async def test_rows_are_batched_and_pruned(tmp_path: Path, dsn: str) -> None:
         assert q(dsn, "SELECT count(*) FROM citadel_audit_log") == [(120,)]
 
 
+async def test_request_rows_as_lists_with_dict_rows_and_spilled_ones(tmp_path: Path,
+                                                                     dsn: str) -> None:
+    """The request trail's list rows, domain dict rows and list rows read back from a spill
+    file land in one batch with every field in its column."""
+    at = 1_700_000_000.25
+    # text that must arrive verbatim: the literal's own tags, quotes, backslashes, non-ASCII
+    path = "/api/v1/$j$x$j1$'\\\"é\n"
+    request_row = [at, "http", None, "rid-list", 201, "0123456789ab", "user", "POST",
+                   path, 1.5, "127.0.0.1", "ab" * 32,
+                   {"kind": "key", "key_id": "0123456789ab"}]
+    assert len(request_row) == len(AUDIT_FIELDS)
+    spilled = [at + 1, "http", None, "rid-spilled", 401, "10.0.0.1", None, "GET", "/x",
+               0.25, "10.0.0.1", None, {"kind": "anonymous"}]
+    spill = SpillFile(tmp_path / "spill", 1 << 20)
+    spill.append([("audit", spilled)])
+    async with persistence(tmp_path, dsn) as p:
+        p.record("audit", request_row)
+        p.audit("vectors.store", "coll", "rid-dict", 200, items=3)
+        await wait_until(lambda: not p.buffer and p.spill.rows == 0)
+        await p.flush()
+    got = q(dsn, "SELECT extract(epoch FROM at)::float8, instance, action, target, request_id,"
+                 " status, principal, role, method, path, latency_ms, client, body_sha256,"
+                 " detail FROM citadel_audit_log ORDER BY request_id")
+    assert got == [
+        (got[0][0], "t", "vectors.store", "coll", "rid-dict", 200, None, None, None, None, None,
+         None, None, {"items": 3}),
+        (at, "t", "http", None, "rid-list", 201, "0123456789ab", "user", "POST",
+         path, 1.5, "127.0.0.1", "ab" * 32, {"kind": "key", "key_id": "0123456789ab"}),
+        (at + 1, "t", "http", None, "rid-spilled", 401, "10.0.0.1", None, "GET", "/x", 0.25,
+         "10.0.0.1", None, {"kind": "anonymous"}),
+    ]
+    assert abs(got[0][0] - time.time()) < 60
+
+
 async def test_outbox(tmp_path: Path, dsn: str) -> None:
     async with persistence(tmp_path, dsn) as p:
         body = {"kind": "upsert", "collection": "c", "points": [{"id": "a"}, {"id": "b"}]}
@@ -180,7 +215,8 @@ async def test_outage_buffers_spills_and_replays(tmp_path: Path,
         assert len(p.buffer) <= 200
         await wait_until(lambda: p.spill.rows > 0 and not p._spilling)
         assert p.metrics.spill_total._value.get() >= 800  # overflow is counted, not silent
-        assert p.metrics.buffered_rows._value.get() == len(p.buffer)
+        # the gauge is read at scrape time
+        assert p.metrics.buffered_rows.collect()[0].samples[0].value == len(p.buffer)
         throwaway.start()
         await wait_until(lambda: not p.buffer and p.spill.rows == 0, within=30)
     got = q(throwaway.dsn, "SELECT (detail->>'n')::int FROM citadel_audit_log")

@@ -11,6 +11,7 @@ from typing import Any, cast
 import pytest
 from aiohttp.test_utils import make_mocked_request
 
+from citadeld.actors.persistence import AUDIT_FIELDS, _json_dumps
 from citadeld.errors import BadRequest
 from citadeld.security.audit import AuditTrail
 from citadeld.security.audit_query import build_sql, parse_filter
@@ -21,11 +22,16 @@ from citadeld.security.seclog import SecurityLog
 
 
 class Sink:
+    """Keeps each row as recorded (``raw``) and as a dict by field name (``rows``)."""
+
     def __init__(self) -> None:
         self.rows: list[tuple[str, dict[str, Any]]] = []
+        self.raw: list[Any] = []
 
-    def record(self, kind: str, row: dict[str, Any]) -> None:
-        self.rows.append((kind, row))
+    def record(self, kind: str, row: list[Any]) -> None:
+        assert isinstance(row, list) and len(row) == len(AUDIT_FIELDS)
+        self.raw.append(row)
+        self.rows.append((kind, dict(zip(AUDIT_FIELDS, row, strict=True))))
 
 
 def trail(auth: bool = False, **cfg: Any) -> tuple[AuditTrail, Sink]:
@@ -52,7 +58,8 @@ def test_row_fields_and_hash() -> None:
     assert row["principal"] == "local" and row["role"] == "admin"  # auth off
     assert (row["method"], row["path"], row["status"], row["request_id"]) == (
         "POST", "/api/v1/embed", 200, "rid-1")
-    assert row["latency_ms"] == 12.3 and row["body_sha256"] == hashlib.sha256(body).hexdigest()
+    assert row["latency_ms"] == pytest.approx(12.3)
+    assert row["body_sha256"] == hashlib.sha256(body).hexdigest()
     assert "sk-secret" not in repr(row)
 
 
@@ -80,8 +87,7 @@ def test_exclusions_and_nul() -> None:
     t.request_done(req("GET", "/api/v1/é", principal=jwt), 200, 0.001, "z")
     row = sink.rows[-1][1]
     assert row["principal"] == "sub-?-x\ufffd" and row["path"] == "/api/v1/é"
-    from citadeld.actors.persistence import _json_dumps
-    _json_dumps([r for _, r in sink.rows])  # serialisable, as the INSERT needs
+    _json_dumps(sink.raw)  # serialisable, as the INSERT needs
 
 
 async def test_big_bodies_are_hashed_off_the_loop() -> None:
@@ -92,11 +98,12 @@ async def test_big_bodies_are_hashed_off_the_loop() -> None:
     await t.close()
     await asyncio.sleep(0)
     assert sink.rows[0][1]["body_sha256"] == hashlib.sha256(body).hexdigest()
+    assert sink.rows[0][1]["request_id"] == "big"
 
 
 def test_never_raises() -> None:
     class Broken(Sink):
-        def record(self, kind: str, row: dict[str, Any]) -> None:
+        def record(self, kind: str, row: list[Any]) -> None:
             raise RuntimeError("sink down")
 
     t = AuditTrail(AuditConfig(), cast(Any, Broken()), False)
@@ -136,3 +143,12 @@ def test_resp_encoding() -> None:
     assert encode("EVALSHA", "ab", 1, "k") == (
         b"*4\r\n$7\r\nEVALSHA\r\n$2\r\nab\r\n$1\r\n1\r\n$1\r\nk\r\n")
     assert encode("SET", "k\r\n", b"\x00") == b"*3\r\n$3\r\nSET\r\n$3\r\nk\r\n\r\n$1\r\n\x00\r\n"
+
+
+def test_dollar_quoted_literal_never_ends_inside_the_data() -> None:
+    from citadeld.actors.persistence import _dollar_quoted
+    assert _dollar_quoted(b'[["a"]]') == b'$j$[["a"]]$j$'
+    data = b'["$j$", "$j1$", "$j2"]'
+    quoted = _dollar_quoted(data)
+    tag = quoted[:quoted.index(b"$", 1) + 1]
+    assert tag == b"$j2$" and quoted == tag + data + tag and tag not in data

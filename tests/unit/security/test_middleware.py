@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -18,6 +19,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from citadeld.http.app import build_app
 from citadeld.runtime import Daemon
 from citadeld.security.principal import principal_of
+from citadeld.security.wiring import AUTH
 from tests.support.auth import config, hs_token, role_keys
 
 
@@ -139,3 +141,37 @@ async def test_raw_non_utf8_credentials_are_401_not_500(tmp_path: Path) -> None:
             status = (await reader.read()).split(b"\r\n", 1)[0]
             writer.close()
             assert status == b"HTTP/1.1 401 Unauthorized", (header, status)
+
+
+async def test_repeat_key_is_cached_until_the_table_or_expiry_changes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A repeat Authorization value skips the regex and the sha256, but a new key table
+    (refresh, create, revoke, reload) and the key's expiry still count at once."""
+    async with client(tmp_path) as (c, keys):
+        store = c.app[AUTH].keys
+        calls: list[str] = []
+        verify = store.table.verify
+        monkeypatch.setattr(store.table, "verify", lambda t: calls.append(t) or verify(t))
+        h = {"Authorization": f"Bearer {keys['user']}"}
+        for _ in range(3):
+            r = await c.get("/api/v1/workflows/whoami", headers=h)
+            assert r.status == 200 and (await r.json())["role"] == "user"
+        assert len(calls) == 1
+        # the cached principal still meets each route's role
+        assert (await c.get("/health/detailed", headers=h)).status == 403
+        # a wrong secret is never served from the cache, nor cached
+        wrong = {"Authorization": f"Bearer {keys['user'][:-2]}zz"}
+        for _ in range(2):
+            assert (await c.get("/api/v1/workflows/whoami", headers=wrong)).status == 401
+        # a reload without the key takes effect on the next request
+        kept = list(store.cfg.api_keys)
+        others = [k for k in kept if k.role != "user"]
+        store.set_config_keys(others)
+        assert (await c.get("/api/v1/workflows/whoami", headers=h)).status == 401
+        # a cached key past its expiry is refused
+        user = next(k for k in kept if k.role == "user")
+        expires = time.time() + 2.0
+        store.set_config_keys([*others, user.model_copy(update={"expires_at": expires})])
+        assert (await c.get("/api/v1/workflows/whoami", headers=h)).status == 200
+        await asyncio.sleep(max(0.0, expires - time.time()) + 0.05)
+        assert (await c.get("/api/v1/workflows/whoami", headers=h)).status == 401
