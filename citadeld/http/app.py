@@ -80,12 +80,13 @@ class _RouteMetrics:
 class _Core:
     """What the core middleware needs per request, behind one app lookup instead of three."""
 
-    __slots__ = ("deadlines", "metrics", "state")
+    __slots__ = ("deadlines", "loop", "metrics", "state")
 
     def __init__(self, state: DaemonState, deadlines: Deadlines) -> None:
         self.state = state
         self.deadlines = deadlines
         self.metrics = _RouteMetrics(state)
+        self.loop: asyncio.AbstractEventLoop | None = None  # the serving loop, from start-up
 
 
 CORE = web.AppKey("citadel_core", _Core)
@@ -121,8 +122,9 @@ async def core_middleware(request: web.Request, handler: Handler) -> web.StreamR
             raise Unavailable("daemon is draining; retry on another instance", retry_after=5)
         # routes marked own_deadline (LLM streams) bound their own time; this would cut them
         if not getattr(route.handler, "own_deadline", False):
-            # this request's own task (request.task is the connection's, which awaits it)
-            task = asyncio.current_task()
+            # this request's own task (request.task is the connection's, which awaits it);
+            # given the loop, current_task skips get_running_loop's getpid() system call
+            task = asyncio.current_task(core.loop)
             if task is not None:
                 deadlines.add(task, time.monotonic() + state.config.server.request_timeout_s)
         try:
@@ -171,6 +173,7 @@ async def core_middleware(request: web.Request, handler: Handler) -> web.StreamR
 
 
 async def _start_deadlines(app: web.Application) -> None:
+    app[CORE].loop = asyncio.get_running_loop()
     app[CORE].deadlines.start()
 
 
