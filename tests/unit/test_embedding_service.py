@@ -1,0 +1,53 @@
+"""EmbeddingService on the in-process cache: all-cached answers share the cached rows."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import numpy as np
+import pytest
+
+from citadeld.cache_core import MemoryCache, cache_key
+from citadeld.config import load_config
+from citadeld.embedding import EmbeddingService
+from citadeld.errors import BadRequest
+from citadeld.metrics import Metrics
+
+
+class NoPool:
+    async def embed(self, texts: list[str], truncate: bool) -> list[Any]:
+        raise AssertionError("a cached text reached the backend")
+
+
+def _service() -> tuple[EmbeddingService, MemoryCache, np.ndarray]:
+    cfg = load_config(None)
+    cache = MemoryCache(max_entries=10, ttl_s=60)
+    name = cfg.embedding.default_model
+    m = cfg.embedding.models[name]
+    vec = np.arange(m.dims, dtype=np.float32) / m.dims
+    cache.put_many([(cache_key(name, m.dims, m.normalize, "cached text"), vec)])
+    svc = EmbeddingService(cfg.embedding, {name: NoPool()}, cache, Metrics())  # type: ignore[dict-item]
+    return svc, cache, vec
+
+
+def test_all_cached_answer_hands_out_the_cached_row() -> None:
+    svc, cache, vec = _service()
+    out = asyncio.run(svc.embed(None, ["cached text"]))
+    assert out.cached == [True] and out.tokens == [0] and out.dims == vec.shape[0]
+    assert np.array_equal(out.rows[0], vec)
+    assert not out.rows[0].flags.writeable  # shared with the cache: nobody may mutate it
+    assert out.vectors.shape == (1, vec.shape[0]) and np.array_equal(out.vectors[0], vec)
+    two = asyncio.run(svc.embed(None, ["cached text", "cached text"]))
+    assert two.vectors.shape == (2, vec.shape[0]) and two.cached == [True, True]
+    assert cache.hits == 3
+
+
+@pytest.mark.parametrize(("texts", "code"), [
+    ([], "invalid_request"), (["ok", ""], "invalid_request"), (["x" * 10**6], "input_too_long"),
+])
+def test_inputs_are_checked_before_the_cache(texts: list[str], code: str) -> None:
+    svc, _, _ = _service()
+    with pytest.raises(BadRequest) as err:
+        asyncio.run(svc.embed(None, texts))
+    assert err.value.code == code
