@@ -138,20 +138,17 @@ class AccessLog:
                 remote: str | None) -> None:
         ms = int(elapsed * 100_000) / 100  # round() with digits costs twice as much
         handler = _line_handler
-        if handler is None or not self.logger.propagate or self.logger.handlers:
-            self.logger.info("request", extra={"method": method, "path": path,
-                                               "status": status, "ms": ms, "remote": remote})
-            return
-        try:
-            line = orjson.dumps({
-                "ts": self._clock.stamp(time.time()), "level": "info", "logger": self._name,
-                "msg": "request", "request_id": rid, "method": method, "path": path,
-                "status": status, "ms": ms, "remote": remote})
-        except TypeError:  # a lone surrogate in a percent-decoded path: let logging escape it
-            self.logger.info("request", extra={"method": method, "path": path,
-                                               "status": status, "ms": ms, "remote": remote})
-            return
-        handler.write_line(line)
+        if handler is not None and self.logger.propagate and not self.logger.handlers:
+            try:
+                handler.write_line(orjson.dumps({
+                    "ts": self._clock.stamp(time.time()), "level": "info", "logger": self._name,
+                    "msg": "request", "request_id": rid, "method": method, "path": path,
+                    "status": status, "ms": ms, "remote": remote}))
+                return
+            except TypeError:  # a lone surrogate in a percent-decoded path: logging escapes it
+                pass
+        self.logger.info("request", extra={"method": method, "path": path, "status": status,
+                                           "ms": ms, "remote": remote})
 
 
 def setup_logging(level: str) -> None:

@@ -14,7 +14,6 @@ body nobody read, e.g. of a 401 or 413, has no hash). Never the body, never a he
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import time
 from collections.abc import Callable
@@ -77,7 +76,7 @@ class AuditTrail:
             if not self.enabled:
                 return
             path = request.path
-            if path in self._exact or (self._prefixes and path.startswith(self._prefixes)):
+            if self.excluded(path):
                 return
             p = request.get(PRINCIPAL_KEY)
             if p is None:  # auth refused it (401) or never ran; with auth off: LOCAL
@@ -112,7 +111,7 @@ class AuditTrail:
 
     def _hash_later(self, row: list[Any], body: bytes) -> None:
         fut = asyncio.get_running_loop().run_in_executor(
-            None, lambda: hashlib.sha256(body).hexdigest())
+            None, lambda: sha256(body).hexdigest())
         self._hashing.add(fut)
 
         def done(f: asyncio.Future[Any]) -> None:

@@ -120,7 +120,6 @@ def make_middleware(auth: Authenticator) -> Callable[..., Awaitable[web.StreamRe
     checked against, so a refresh, create or revoke (each swaps the table) and the key's expiry
     still take effect at once. Refusals and JWTs are never cached."""
     policy = auth.policy
-    by_route = policy.by_route
     table = auth.keys.table  # the same object for the daemon's life; its entries are swapped
     # header value -> (principal, its rank, the key's expiry, the table the key was checked in)
     seen: dict[str, tuple[Principal, int, float, dict[str, KeyEntry]]] = {}
@@ -128,9 +127,7 @@ def make_middleware(auth: Authenticator) -> Callable[..., Awaitable[web.StreamRe
 
     @web.middleware
     async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        route = request.match_info.route
-        req = by_route.get(route)
-        need = (req if req is not None else policy.requirement(route)).rank
+        need = policy.requirement(request.match_info.route).rank
         header = request.headers.get("Authorization")
         if header is not None:
             hit = seen.get(header)

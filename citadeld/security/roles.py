@@ -51,7 +51,7 @@ class Policy:
     def __init__(self, cfg: AuthConfig) -> None:
         self.cfg = cfg
         self.rules: tuple[RoleRule, ...] = (*cfg.extra_rules, *cfg.rules)
-        self.by_route: dict[AbstractRoute, Requirement] = {}
+        self._by_route: dict[AbstractRoute, Requirement] = {}
 
     def decide(self, method: str, path: str) -> Requirement:
         """The requirement for a canonical route path; open_routes win over rules."""
@@ -70,7 +70,7 @@ class Policy:
             if path is None:
                 continue
             req = self.decide(route.method, path)
-            self.by_route[route] = req
+            self._by_route[route] = req
             if req is UNMAPPED:
                 unmapped.append(f"{route.method} {path}")
         if unmapped:
@@ -79,10 +79,10 @@ class Policy:
         return unmapped
 
     def requirement(self, route: AbstractRoute) -> Requirement:
-        req = self.by_route.get(route)
+        req = self._by_route.get(route)
         if req is None:
             path = canonical(route)
             if path is None:  # 404/405: aiohttp makes a new system route per request
                 return NO_ROUTE
-            req = self.by_route[route] = self.decide(route.method, path)  # added late
+            req = self._by_route[route] = self.decide(route.method, path)  # added late
         return req
