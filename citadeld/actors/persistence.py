@@ -526,17 +526,26 @@ class Persistence(ActorFacade):
         fut.add_done_callback(done)
         return fut
 
-    async def flush(self) -> bool:
-        """Write spilled rows, then buffered ones; False when PostgreSQL is away (kept)."""
-        async with self._flush_lock:
-            return await self._flush()
+    async def flush(self, drain: bool = True) -> bool:
+        """Write spilled rows, then buffered ones; False when PostgreSQL is away (kept).
 
-    async def _flush(self) -> bool:
+        ``drain=False`` (the flusher, woken by a full batch) writes full batches only and
+        leaves a remainder for the next round: draining to the last row sent a train of
+        small INSERTs (as many rows as arrived during the previous round trip), whose fixed
+        cost per statement - on the actor thread, the GIL and PostgreSQL - came to several
+        microseconds per row at request rates."""
+        async with self._flush_lock:
+            return await self._flush(drain)
+
+    async def _flush(self, drain: bool = True) -> bool:
         loop = asyncio.get_running_loop()
         batch = self.cfg.batch_rows
         if self._spilling:
             await asyncio.gather(*list(self._spilling), return_exceptions=True)
-        path = await loop.run_in_executor(None, self.spill.take)
+        # the spill files are looked at on every draining round (at least once per flush
+        # interval); between those, only when rows are known to wait there
+        replay = drain or self.spill.rows > 0
+        path = await loop.run_in_executor(None, self.spill.take) if replay else None
         while path is not None:
             rows, bad = await loop.run_in_executor(None, SpillFile.read, path)
             if bad:
@@ -557,7 +566,7 @@ class Persistence(ActorFacade):
             self.metrics.spilled_rows.set(self.spill.rows)
             log.info("replayed %d spilled rows", len(rows))
             path = await loop.run_in_executor(None, self.spill.take)
-        while self.buffer:
+        while self.buffer and (drain or len(self.buffer) >= batch):
             rows = [self.buffer.popleft() for _ in range(min(batch, len(self.buffer)))]
             try:
                 await self._write_rows(rows)
@@ -575,13 +584,15 @@ class Persistence(ActorFacade):
 
     async def _flusher(self) -> None:
         while not self.closed:
+            woken = False
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.cfg.flush_interval_s)
+                woken = await asyncio.wait_for(self._wake.wait(), self.cfg.flush_interval_s)
             self._wake.clear()
             if self.up is False and not self.buffer and self.spill.rows == 0:
                 continue
             try:
-                ok = await self.flush()
+                # woken: a full batch waits (or PostgreSQL is back); the interval: write all
+                ok = await self.flush(drain=not woken)
             except Exception:
                 log.exception("flush failed")
                 ok = False

@@ -134,6 +134,36 @@ async def test_rows_are_batched_and_pruned(tmp_path: Path, dsn: str) -> None:
         assert q(dsn, "SELECT count(*) FROM citadel_audit_log") == [(120,)]
 
 
+async def test_a_steady_stream_is_written_in_full_batches(tmp_path: Path, dsn: str) -> None:
+    """Rows arriving while a batch is in flight wait for the next full batch instead of
+    following as a train of small INSERTs (the per-statement cost dominated at request rate);
+    the flush interval still drains the remainder."""
+    async with persistence(tmp_path, dsn, batch_rows=50, flush_interval_s=30) as p:
+        sizes: list[int] = []
+        write = p._write_rows
+
+        async def spy(rows: list[Any]) -> None:
+            sizes.append(len(rows))
+            await write(rows)
+        p._write_rows = spy  # type: ignore[method-assign]
+        for i in range(120):
+            p.record("audit", [time.time(), "http", None, f"rid-{i}", 200, None, None, "GET",
+                               "/x", 1.0, None, None, None])
+        assert await p.flush(drain=False)
+        assert sizes == [50, 50] and len(p.buffer) == 20
+        sizes.clear()
+        for i in range(2000):  # a steady stream while the flusher runs
+            p.record("audit", [time.time(), "http", None, f"s-{i}", 200, None, None, "GET",
+                               "/x", 1.0, None, None, None])
+            if i % 10 == 9:
+                await asyncio.sleep(0.001)
+        await wait_until(lambda: len(p.buffer) < 50)
+        assert sizes and set(sizes) == {50}, sizes
+        await p.flush()  # what the interval (or shutdown) does: everything
+        assert not p.buffer
+        assert q(dsn, "SELECT count(*) FROM citadel_audit_log") == [(2120,)]
+
+
 async def test_request_rows_as_lists_with_dict_rows_and_spilled_ones(tmp_path: Path,
                                                                      dsn: str) -> None:
     """The request trail's list rows, domain dict rows and list rows read back from a spill
