@@ -97,7 +97,7 @@ class PersistenceConfig(_Strict):
     timeout_s: float = Field(5.0, gt=0)  # per statement
     connect_timeout_s: float = Field(3.0, gt=0)
     instance: str | None = None  # owner of this daemon's outbox rows; default: the host name
-    batch_rows: int = Field(500, ge=1)  # audit/health rows per INSERT batch
+    batch_rows: int = Field(2000, ge=1)  # audit/health rows per INSERT batch
     flush_interval_s: float = Field(1.0, gt=0)
     buffer_max_rows: int = Field(10_000, ge=1)  # in memory while PostgreSQL is away; then spill
     spill_path: str | None = None  # default: <state_dir>/spill
