@@ -406,7 +406,9 @@ class Persistence(ActorFacade):
         self.buffer: deque[Row] = deque()
         # read at scrape time: no gauge update (and its lock) per buffered row
         self.metrics.buffered_rows.set_function(lambda: len(self.buffer))
-        self._wake_rows = min(cfg.batch_rows, cfg.buffer_max_rows + 1)
+        # rows per INSERT; at most half the buffer, so that a full batch is written before
+        # the buffer would spill with PostgreSQL up
+        self._batch = min(cfg.batch_rows, max(1, cfg.buffer_max_rows // 2))
         self.up: bool | None = None  # None: not probed yet
         self.last_error: str | None = None
         self.latency_ms: float | None = None
@@ -488,7 +490,7 @@ class Persistence(ActorFacade):
             row.setdefault("at", time.time())
         buffer = self.buffer
         buffer.append((kind, row))
-        if len(buffer) >= self._wake_rows:
+        if len(buffer) >= self._batch:
             if len(buffer) > self.cfg.buffer_max_rows:
                 self._overflow()
             else:
@@ -539,7 +541,7 @@ class Persistence(ActorFacade):
 
     async def _flush(self, drain: bool = True) -> bool:
         loop = asyncio.get_running_loop()
-        batch = self.cfg.batch_rows
+        batch = self._batch
         if self._spilling:
             await asyncio.gather(*list(self._spilling), return_exceptions=True)
         # the spill files are looked at on every draining round (at least once per flush

@@ -164,6 +164,22 @@ async def test_a_steady_stream_is_written_in_full_batches(tmp_path: Path, dsn: s
         assert q(dsn, "SELECT count(*) FROM citadel_audit_log") == [(2120,)]
 
 
+async def test_batches_fit_a_small_buffer(tmp_path: Path, dsn: str) -> None:
+    """A buffer smaller than batch_rows: batches shrink to half the buffer, so a stream with
+    PostgreSQL up is written, not spilled while waiting for a batch that could never fill."""
+    async with persistence(tmp_path, dsn, batch_rows=2000, buffer_max_rows=100,
+                           flush_interval_s=30) as p:
+        for i in range(600):
+            p.record("audit", [time.time(), "http", None, f"b-{i}", 200, None, None, "GET",
+                               "/x", 1.0, None, None, None])
+            if i % 10 == 9:
+                await asyncio.sleep(0.002)
+        await wait_until(lambda: len(p.buffer) < 50)
+        assert p.spill.rows == 0
+        await p.flush()
+        assert q(dsn, "SELECT count(*) FROM citadel_audit_log") == [(600,)]
+
+
 async def test_request_rows_as_lists_with_dict_rows_and_spilled_ones(tmp_path: Path,
                                                                      dsn: str) -> None:
     """The request trail's list rows, domain dict rows and list rows read back from a spill
