@@ -169,15 +169,15 @@ async def test_batches_fit_a_small_buffer(tmp_path: Path, dsn: str) -> None:
     PostgreSQL up is written, not spilled while waiting for a batch that could never fill."""
     async with persistence(tmp_path, dsn, batch_rows=2000, buffer_max_rows=100,
                            flush_interval_s=30) as p:
-        for i in range(600):
+        for i in range(300):  # ~250 rows/s: a 50-row batch has 200 ms to reach PostgreSQL
             p.record("audit", [time.time(), "http", None, f"b-{i}", 200, None, None, "GET",
                                "/x", 1.0, None, None, None])
-            if i % 10 == 9:
-                await asyncio.sleep(0.002)
+            if i % 5 == 4:
+                await asyncio.sleep(0.02)
         await wait_until(lambda: len(p.buffer) < 50)
         assert p.spill.rows == 0
         await p.flush()
-        assert q(dsn, "SELECT count(*) FROM citadel_audit_log") == [(600,)]
+        assert q(dsn, "SELECT count(*) FROM citadel_audit_log") == [(300,)]
 
 
 async def test_request_rows_as_lists_with_dict_rows_and_spilled_ones(tmp_path: Path,
