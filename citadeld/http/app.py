@@ -31,7 +31,7 @@ from citadeld.http.deadlines import Deadlines
 from citadeld.http.errors import dialect_of, error_response
 from citadeld.logs import AccessLog, request_id
 from citadeld.security import after_auth
-from citadeld.security.audit import record_request
+from citadeld.security.audit import AUDIT_TRAIL, AuditTrail
 from citadeld.security.wiring import install as install_security
 from citadeld.state import STATE, DaemonState
 
@@ -83,13 +83,14 @@ class _RouteMetrics:
 class _Core:
     """What the core middleware needs per request, behind one app lookup instead of three."""
 
-    __slots__ = ("deadlines", "loop", "metrics", "state")
+    __slots__ = ("deadlines", "loop", "metrics", "state", "trail")
 
     def __init__(self, state: DaemonState, deadlines: Deadlines) -> None:
         self.state = state
         self.deadlines = deadlines
         self.metrics = _RouteMetrics(state)
         self.loop: asyncio.AbstractEventLoop | None = None  # the serving loop, from start-up
+        self.trail: AuditTrail | None = None  # set on the app by a later start-up hook
 
 
 CORE = web.AppKey("citadel_core", _Core)
@@ -168,7 +169,11 @@ async def _serve(core: _Core, handler: Handler, route_name: str, own_deadline: b
         path = request.path
         if path not in _QUIET and access.enabled():
             access.request(rid, method, path, status, elapsed, request.remote)
-        record_request(request, status, elapsed, rid)
+        trail = core.trail  # the audit trail, found once (record_request's lookup per request)
+        if trail is None:
+            trail = core.trail = request.app.get(AUDIT_TRAIL)
+        if trail is not None:
+            trail.request_done(request, status, elapsed, rid)
         request_id.reset(token)
     resp.headers["X-Request-ID"] = rid
     return resp
