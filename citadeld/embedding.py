@@ -162,7 +162,7 @@ class EmbeddingService:
         self.check_inputs(texts)
         if use_cache:
             full, normalize = self._facts[name]
-            dims = self._dims(name, full, dimensions)
+            dims = full if dimensions is None else self._dims(name, full, dimensions)
             t0 = time.perf_counter()
             if len(texts) == 1:  # most requests: no comprehension (each builds a function)
                 keys = [cache_key(name, dims, normalize, texts[0])]
