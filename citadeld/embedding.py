@@ -9,7 +9,7 @@ model that produced it.
 from __future__ import annotations
 
 import time
-from typing import cast
+from collections.abc import Awaitable
 
 import numpy as np
 
@@ -141,15 +141,88 @@ class EmbeddingService:
         truncate: bool | None = None,
         dimensions: int | None = None,
     ) -> EmbedOutcome:
+        out = self.embed_now(model, texts, use_cache=use_cache, truncate=truncate,
+                             dimensions=dimensions)
+        return out if isinstance(out, EmbedOutcome) else await out
+
+    def embed_now(
+        self,
+        model: str | None,
+        texts: list[str],
+        *,
+        use_cache: bool = True,
+        truncate: bool | None = None,
+        dimensions: int | None = None,
+    ) -> EmbedOutcome | Awaitable[EmbedOutcome]:
+        """``embed`` without a coroutine when the in-process cache has every text (the hot
+        path): the outcome itself; otherwise an awaitable of it, which goes on from the
+        lookup already made (a route awaits it: ``out if isinstance(out, EmbedOutcome)``)."""
         name = self.resolve(model)
         self.check_inputs(texts)
+        if use_cache:
+            full, normalize = self._facts[name]
+            dims = full if dimensions is None else self._dims(name, full, dimensions)
+            t0 = time.perf_counter()
+            if len(texts) == 1:  # most requests: no comprehension (each builds a function)
+                keys = [cache_key(name, dims, normalize, texts[0])]
+            else:
+                keys = [cache_key(name, dims, normalize, t) for t in texts]
+            found = self.cache.lookup_now(keys)  # the in-process cache answers without a hop
+            if found is not None:
+                looked = self._looked(name, dims, keys, found, t0)
+                if isinstance(looked, EmbedOutcome):
+                    return looked
+                return self._embed_guarded(name, texts, use_cache, truncate, dimensions,
+                                           looked)
+        return self._embed_guarded(name, texts, use_cache, truncate, dimensions, None)
+
+    async def _embed_guarded(
+        self,
+        name: str,
+        texts: list[str],
+        use_cache: bool,
+        truncate: bool | None,
+        dimensions: int | None,
+        looked: tuple[list[bytes], list[np.ndarray | None], list[int]] | None,
+    ) -> EmbedOutcome:
         try:
-            return await self._embed_with(name, texts, use_cache, truncate, dimensions)
+            return await self._embed_with(name, texts, use_cache, truncate, dimensions, looked)
         except (Unavailable, UpstreamError, UpstreamTimeout):
             fallback = self.cfg.models[name].fallback_model
             if fallback is None:
                 raise
             return await self._embed_with(fallback, texts, use_cache, truncate, dimensions)
+
+    @staticmethod
+    def _dims(name: str, full: int, dimensions: int | None) -> int:
+        # JSON Schema's integer admits 356.0; numpy shapes and the cache key need an int
+        dims = full if dimensions is None else int(dimensions)
+        if not 1 <= dims <= full:
+            raise BadRequest(
+                f"dimensions must be between 1 and {full} for model {name}",
+                param="dimensions",
+            )
+        return dims
+
+    def _looked(
+        self, name: str, dims: int, keys: list[bytes], hits: list[np.ndarray | None],
+        t0: float,
+    ) -> EmbedOutcome | tuple[list[bytes], list[np.ndarray | None], list[int]]:
+        """Account a cache lookup: the outcome when every text hit, else (keys, hits, misses)."""
+        self._cache_stage[name].observe(time.perf_counter() - t0)
+        shape = (dims,)
+        misses = []
+        for i, hit in enumerate(hits):
+            if hit is None or hit.shape != shape:
+                misses.append(i)
+        n = len(keys)
+        if n - len(misses):
+            self._hits.inc(n - len(misses))
+        if not misses:  # all cached (the hot path): the cached rows themselves, no copy
+            # no None left in hits (typing.cast would be a call per request)
+            return EmbedOutcome(name, None, [True] * n, [0] * n, rows=hits)  # type: ignore[arg-type]
+        self.metrics.cache_misses.inc(len(misses))
+        return keys, hits, misses
 
     async def _embed_with(
         self,
@@ -158,20 +231,17 @@ class EmbeddingService:
         use_cache: bool,
         truncate: bool | None,
         dimensions: int | None,
+        looked: tuple[list[bytes], list[np.ndarray | None], list[int]] | None = None,
     ) -> EmbedOutcome:
         full, normalize = self._facts[name]
-        # JSON Schema's integer admits 356.0; numpy shapes and the cache key need an int
-        dims = full if dimensions is None else int(dimensions)
-        if not 1 <= dims <= full:
-            raise BadRequest(
-                f"dimensions must be between 1 and {full} for model {name}",
-                param="dimensions",
-            )
+        dims = self._dims(name, full, dimensions)
         n = len(texts)
         keys: list[bytes] = []
         hits: list[np.ndarray | None] = []
         if not use_cache:
             misses = list(range(n))
+        elif looked is not None:  # embed_now looked already
+            keys, hits, misses = looked
         else:
             t0 = time.perf_counter()
             if n == 1:  # most requests: no comprehension (each builds a function object)
@@ -180,18 +250,10 @@ class EmbeddingService:
                 keys = [cache_key(name, dims, normalize, t) for t in texts]
             found = self.cache.lookup_now(keys)  # the in-process cache answers without a hop
             hits = found if found is not None else await self.cache.get_many(keys)
-            self._cache_stage[name].observe(time.perf_counter() - t0)
-            shape = (dims,)
-            misses = []
-            for i, hit in enumerate(hits):
-                if hit is None or hit.shape != shape:
-                    misses.append(i)
-            if n - len(misses):
-                self._hits.inc(n - len(misses))
-            if not misses:  # all cached (the hot path): the cached rows themselves, no copy
-                return EmbedOutcome(name, None, [True] * n, [0] * n,
-                                    rows=cast(list[np.ndarray], hits))
-            self.metrics.cache_misses.inc(len(misses))
+            got = self._looked(name, dims, keys, hits, t0)
+            if isinstance(got, EmbedOutcome):
+                return got
+            keys, hits, misses = got
         mcfg = self.cfg.models[name]
         trunc = mcfg.truncate if truncate is None else truncate
         vectors = np.empty((n, dims), dtype=np.float32)

@@ -1,9 +1,11 @@
-"""aiohttp application factory: one middleware gives every request an id, a timeout, metrics,
+"""aiohttp application factory: the core (a middleware, or at the routes
+when no other middleware is installed) gives every request an id, a timeout, metrics,
 an access-log line and, whatever goes wrong, an answer in the route's own error dialect."""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import os
@@ -13,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
+from aiohttp.web_urldispatcher import AbstractRoute, MatchInfoError, UrlMappingMatchInfo
 
 from citadeld.errors import CitadelError, Unavailable, UpstreamTimeout
 from citadeld.http import (
@@ -28,7 +31,7 @@ from citadeld.http.deadlines import Deadlines
 from citadeld.http.errors import dialect_of, error_response
 from citadeld.logs import AccessLog, request_id
 from citadeld.security import after_auth
-from citadeld.security.audit import record_request
+from citadeld.security.audit import AUDIT_TRAIL, AuditTrail
 from citadeld.security.wiring import install as install_security
 from citadeld.state import STATE, DaemonState
 
@@ -80,13 +83,14 @@ class _RouteMetrics:
 class _Core:
     """What the core middleware needs per request, behind one app lookup instead of three."""
 
-    __slots__ = ("deadlines", "loop", "metrics", "state")
+    __slots__ = ("deadlines", "loop", "metrics", "state", "trail")
 
     def __init__(self, state: DaemonState, deadlines: Deadlines) -> None:
         self.state = state
         self.deadlines = deadlines
         self.metrics = _RouteMetrics(state)
         self.loop: asyncio.AbstractEventLoop | None = None  # the serving loop, from start-up
+        self.trail: AuditTrail | None = None  # set on the app by a later start-up hook
 
 
 CORE = web.AppKey("citadel_core", _Core)
@@ -102,18 +106,16 @@ def _http_error(exc: web.HTTPException) -> CitadelError:
     return CitadelError(msg, status=exc.status, code=codes.get(exc.status, "http_error"))
 
 
-@web.middleware
-async def core_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    core = request.app[CORE]
+async def _serve(core: _Core, handler: Handler, route_name: str, own_deadline: bool,
+                 request: web.Request) -> web.StreamResponse:
+    """The core around one handler: request id, deadline, metrics, access log, audit row and,
+    whatever goes wrong, an answer in the route's own dialect. Arguments first, the request
+    last: a route's handler is ``partial(_serve, core, handler, name, own_deadline)``."""
     state = core.state
     incoming = request.headers.get("X-Request-ID")
     rid = incoming if incoming and _RID_OK.match(incoming) else new_request_id()
     token = request_id.set(rid)
     t0 = time.perf_counter()
-    match_info = request.match_info
-    route = match_info.route
-    resource = route.resource
-    route_name = resource.canonical if resource is not None else "unmatched"
     status = 500
     deadlines = core.deadlines
     task: asyncio.Task[Any] | None = None
@@ -121,7 +123,7 @@ async def core_middleware(request: web.Request, handler: Handler) -> web.StreamR
         if state.draining and not request.path.startswith(_ALWAYS_OPEN):
             raise Unavailable("daemon is draining; retry on another instance", retry_after=5)
         # routes marked own_deadline (LLM streams) bound their own time; this would cut them
-        if not getattr(route.handler, "own_deadline", False):
+        if not own_deadline:
             # this request's own task (request.task is the connection's, which awaits it);
             # given the loop, current_task skips get_running_loop's getpid() system call
             task = asyncio.current_task(core.loop)
@@ -162,19 +164,75 @@ async def core_middleware(request: web.Request, handler: Handler) -> web.StreamR
         status = 500
     finally:
         elapsed = time.perf_counter() - t0
-        core.metrics.record(route_name, request.method, status, elapsed)
+        method = request.method
+        core.metrics.record(route_name, method, status, elapsed)
         path = request.path
         if path not in _QUIET and access.enabled():
-            access.request(rid, request.method, path, status, elapsed, request.remote)
-        record_request(request, status, elapsed, rid)
+            access.request(rid, method, path, status, elapsed, request.remote)
+        trail = core.trail  # the audit trail, found once (record_request's lookup per request)
+        if trail is None:
+            trail = core.trail = request.app.get(AUDIT_TRAIL)
+        if trail is not None:
+            trail.request_done(request, status, elapsed, rid)
         request_id.reset(token)
     resp.headers["X-Request-ID"] = rid
     return resp
 
 
-async def _start_deadlines(app: web.Application) -> None:
-    app[CORE].loop = asyncio.get_running_loop()
-    app[CORE].deadlines.start()
+def _route_name(route: AbstractRoute) -> str:
+    resource = route.resource
+    return resource.canonical if resource is not None else "unmatched"
+
+
+@web.middleware
+def core_middleware(request: web.Request, handler: Handler) -> Awaitable[web.StreamResponse]:
+    """The core as an aiohttp middleware: used when other middlewares (CORS, auth, rate
+    limits) must run inside it. Returns ``_serve``'s coroutine (no extra coroutine level)."""
+    route = request.match_info.route
+    return _serve(request.app[CORE], handler, _route_name(route),
+                  getattr(route.handler, "own_deadline", False), request)
+
+
+def _route_level(app: web.Application, core: _Core) -> None:
+    """The core at the routes instead of as a middleware: with no middleware at all aiohttp
+    skips its middleware chain per request (a ``partial`` and a ``_fix_request_current_app``
+    coroutine level per middleware). Each route's handler becomes ``partial(_serve, ...)``;
+    requests no route matches (404, 405) get theirs from the router's resolve."""
+    for route in app.router.routes():
+        handler = route.handler
+        if isinstance(handler, functools.partial) and handler.func is _serve:
+            continue  # already wrapped (an app started twice)
+        wrapped = functools.partial(_serve, core, handler, _route_name(route),
+                                    getattr(handler, "own_deadline", False))
+        route._handler = wrapped  # aiohttp has no setter
+    router = app.router
+    if "resolve" in vars(router):
+        return
+    resolve = router.resolve
+
+    async def resolve_unmatched(request: web.Request) -> UrlMappingMatchInfo:
+        match_info = await resolve(request)
+        if isinstance(match_info, MatchInfoError):
+            # a fresh SystemRoute per miss: its handler raises the 404/405; _serve answers it
+            route = match_info.route
+            route._handler = functools.partial(
+                _serve, core, route.handler, "unmatched", False)
+        return match_info
+
+    router.resolve = resolve_unmatched  # type: ignore[method-assign]
+
+
+async def _start_core(app: web.Application) -> None:
+    """Place the core before the app freezes (every route and middleware is known by now):
+    as the outermost middleware when there are others, else at the routes themselves."""
+    core = app[CORE]
+    if core_middleware not in app.middlewares:
+        if app.middlewares:
+            app.middlewares.insert(0, core_middleware)
+        else:
+            _route_level(app, core)
+    core.loop = asyncio.get_running_loop()
+    core.deadlines.start()
 
 
 async def _stop_deadlines(app: web.Application) -> None:
@@ -182,18 +240,19 @@ async def _stop_deadlines(app: web.Application) -> None:
 
 
 def install_core(app: web.Application, state: DaemonState, resolution: float = 0.25) -> None:
-    """What core_middleware needs on its app: the state, the deadline sweeper, metric children."""
+    """What the core needs on its app: the state, the deadline sweeper, metric children; at
+    start-up it places itself (see ``_start_core``) unless ``core_middleware`` is already in
+    the app's middlewares."""
     app[STATE] = state
     app[CORE] = _Core(state, Deadlines(resolution))
-    app.on_startup.append(_start_deadlines)
+    app.on_startup.append(_start_core)
     app.on_cleanup.append(_stop_deadlines)
 
 
 def build_app(state: DaemonState) -> web.Application:
-    app = web.Application(
-        middlewares=[core_middleware],
-        client_max_size=state.config.server.max_body_bytes,
-    )
+    # the core (request id, deadline, metrics, dialect errors) is placed at start-up, see
+    # _start_core: outermost middleware when security layers add theirs, else at the routes
+    app = web.Application(client_max_size=state.config.server.max_body_bytes)
     install_core(app, state)
     install_security(app, state)  # CORS and auth middlewares after core_middleware
     embed_routes.add_routes(app)

@@ -30,14 +30,14 @@ def compile_schema(schema: dict[str, Any]) -> Validator:
 
 
 async def read_json(request: web.Request, validate: Validator | None = None) -> Any:
-    limit = request.app[STATE].config.server.max_body_bytes
-    if request.content_length is not None and request.content_length > limit:
-        raise PayloadTooLarge(
-            f"request body is {request.content_length} bytes (at most {limit})", param=None
-        )
+    length = request.content_length  # a property that parses the header on every call
+    if length is not None and length > request.app[STATE].config.server.max_body_bytes:
+        limit = request.app[STATE].config.server.max_body_bytes
+        raise PayloadTooLarge(f"request body is {length} bytes (at most {limit})", param=None)
     try:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
+        limit = request.app[STATE].config.server.max_body_bytes
         raise PayloadTooLarge(f"request body exceeds {limit} bytes") from None
     if not raw:
         raise BadRequest("request body is empty; expected a JSON object", code="invalid_json")

@@ -10,6 +10,7 @@ from typing import Any
 from aiohttp import web
 
 from citadeld import __version__
+from citadeld.embedding import EmbedOutcome
 from citadeld.errors import BadRequest
 from citadeld.http import schemas
 from citadeld.http.body import compile_schema, json_response, read_json
@@ -28,13 +29,15 @@ OLLAMA_VERSION = "0.6.0"
 async def native_embed(request: web.Request) -> web.Response:
     body = await read_json(request, _native_embed)
     texts = [body["text"]] if "text" in body else body["texts"]
-    out = await request.app[STATE].embedding.embed(
+    out = request.app[STATE].embedding.embed_now(
         body.get("model"),
         texts,
         use_cache=body.get("cache", True),
         truncate=body.get("truncate"),
         dimensions=body.get("dimensions"),
     )
+    if not isinstance(out, EmbedOutcome):  # not all in the in-process cache
+        out = await out
     return json_response({
         "model": out.model,
         "dimensions": out.dims,
@@ -58,9 +61,11 @@ def _openai_texts(raw: Any) -> list[str]:
 async def openai_embeddings(request: web.Request) -> web.Response:
     body = await read_json(request, _openai_embed)
     texts = _openai_texts(body["input"])
-    out = await request.app[STATE].embedding.embed(
+    out = request.app[STATE].embedding.embed_now(
         body.get("model"), texts, dimensions=body.get("dimensions")
     )
+    if not isinstance(out, EmbedOutcome):  # not all in the in-process cache
+        out = await out
     if body.get("encoding_format", "float") == "base64":
         little = out.vectors.astype("<f4", copy=False)
         data: list[dict[str, Any]] = [
@@ -99,9 +104,11 @@ async def ollama_embed(request: web.Request) -> web.Response:
     svc = request.app[STATE].embedding
     if not texts:  # Ollama answers an empty input (used to preload a model) with no vectors
         return json_response({"model": svc.resolve(body["model"]), "embeddings": []})
-    out = await svc.embed(
+    out = svc.embed_now(
         body["model"], texts, truncate=body.get("truncate"), dimensions=body.get("dimensions")
     )
+    if not isinstance(out, EmbedOutcome):  # not all in the in-process cache
+        out = await out
     return json_response({
         "model": out.model,
         "embeddings": out.rows,
@@ -118,7 +125,9 @@ async def ollama_embeddings(request: web.Request) -> web.Response:
     if not prompt:  # legacy Ollama answers an empty prompt with an empty vector
         svc.resolve(body["model"])
         return json_response({"embedding": []})
-    out = await svc.embed(body["model"], [prompt])
+    out = svc.embed_now(body["model"], [prompt])
+    if not isinstance(out, EmbedOutcome):  # not all in the in-process cache
+        out = await out
     return json_response({"embedding": out.rows[0]})
 
 

@@ -1,9 +1,10 @@
 """The request audit trail: one row per HTTP request into PostgreSQL's ``citadel_audit_log``.
 
-The core middleware calls :func:`record_request` from its ``finally`` block, so every request
-is seen with its final status (errors rendered, timeouts, clients gone: 499). The hot-path cost
-is one list and one ``deque.append`` into the PersistenceActor's buffer (batched INSERTs, spill
-file during outages, see ``citadeld.actors.persistence``); nothing waits on PostgreSQL.
+The core calls the trail's ``request_done`` (as :func:`record_request` does) from its
+``finally`` block, so every request is seen with its final status (errors rendered, timeouts,
+clients gone: 499). The hot-path cost is one list and one ``deque.append`` into the
+PersistenceActor's buffer (batched INSERTs, spill file during outages, see
+``citadeld.actors.persistence``); nothing waits on PostgreSQL.
 
 A row says who (principal, role), what (method, path - never the query string, which may
 carry credentials), the outcome (status, latency), from where (client address), the request id

@@ -1,8 +1,10 @@
 """How the security layer joins the app: one call from ``build_app``.
 
-Middleware order: ``core_middleware`` (request id, deadline, metrics, dialect errors), then
-CORS (preflights never need a credential), then auth. Later layers that need the principal
-(rate limits, audit) go after auth: add them in :func:`install`.
+Middleware order: ``core_middleware`` (request id, deadline, metrics, dialect errors; put
+first at start-up by ``citadeld.http.app``, which runs the core at the routes instead when no
+layer here adds a middleware), then CORS (preflights never need a credential), then auth.
+Later layers that need the principal (rate limits, audit) go after auth: add them in
+:func:`install`.
 """
 
 from __future__ import annotations

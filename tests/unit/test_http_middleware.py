@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
 from collections.abc import AsyncIterator
 from types import SimpleNamespace
@@ -17,6 +18,7 @@ from citadeld.config import Config
 from citadeld.http.app import core_middleware, install_core, new_request_id
 from citadeld.http.deadlines import Deadlines
 from citadeld.metrics import Metrics
+from citadeld.security.audit import AUDIT_TRAIL, AuditTrail
 from citadeld.state import DaemonState
 
 
@@ -43,13 +45,39 @@ def test_request_ids_are_unique_32_hex() -> None:
     assert all(re.fullmatch(r"[0-9a-f]{32}", i) for i in ids)
 
 
-@pytest.fixture
-async def client() -> AsyncIterator[tuple[TestClient[Any, Any], Metrics]]:
+class _Trail:
+    """Stands in for the audit trail: the rows the core hands it."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, int, str]] = []
+
+    def request_done(self, request: web.Request, status: int, elapsed: float, rid: str) -> None:
+        self.rows.append((request.path, status, rid))
+
+    async def close(self) -> None:
+        pass
+
+
+@web.middleware
+async def _other(request: web.Request, handler: Any) -> web.StreamResponse:
+    """A layer after the core (as auth is): the core must still wrap it."""
+    if request.headers.get("X-Refuse"):
+        raise web.HTTPForbidden()
+    return cast(web.StreamResponse, await handler(request))
+
+
+# the core as an explicit middleware, at the routes (no other middleware: aiohttp then runs no
+# middleware chain), and inserted at start-up before another middleware (as with auth on)
+@pytest.fixture(params=["middleware", "routes", "before-other"])
+async def client(request: pytest.FixtureRequest
+                 ) -> AsyncIterator[tuple[TestClient[Any, Any], Metrics]]:
     cfg = Config.model_validate({"server": {"request_timeout_s": 0.3}})
     metrics = Metrics()
     state = SimpleNamespace(config=cfg, metrics=metrics, draining=False)
-    app = web.Application(middlewares=[core_middleware])
+    app = web.Application(middlewares={"middleware": [core_middleware], "routes": [],
+                                       "before-other": [_other]}[request.param])
     install_core(app, cast(DaemonState, state), resolution=0.05)
+    app[AUDIT_TRAIL] = cast(AuditTrail, _Trail())
 
     async def slow(request: web.Request) -> web.Response:
         await asyncio.sleep(30)
@@ -103,3 +131,48 @@ async def test_fast_and_own_deadline_routes_are_not_cut(
     text = generate_latest(metrics.registry).decode()
     assert 'citadel_http_requests_total{method="GET",route="/api/v1/fast",status="200"} 4.0' \
         in text
+
+
+async def test_unmatched_routes_answer_in_their_dialect_with_id_metrics_and_audit(
+    client: tuple[TestClient[Any, Any], Metrics],
+) -> None:
+    c, metrics = client
+    r = await c.get("/api/v1/nowhere", headers={"X-Request-ID": "nf-1"})
+    assert r.status == 404
+    assert r.headers["X-Request-ID"] == "nf-1"
+    assert await r.json() == {"error": {"code": "not_found", "message": "no such route",
+                                        "request_id": "nf-1"}}
+    r = await c.post("/api/v1/fast")
+    assert r.status == 405
+    assert (await r.json())["error"]["code"] == "method_not_allowed"
+    assert re.fullmatch(r"[0-9a-f]{32}", r.headers["X-Request-ID"])
+    r = await c.get("/v1/nowhere")  # OpenAI envelope
+    assert r.status == 404
+    assert (await r.json())["error"]["type"] == "invalid_request_error"
+    r = await c.get("/api/nowhere")  # Ollama envelope
+    assert await r.json() == {"error": "no such route"}
+    text = generate_latest(metrics.registry).decode()
+    assert 'citadel_http_requests_total{method="GET",route="unmatched",status="404"} 3.0' \
+        in text
+    assert 'citadel_http_requests_total{method="POST",route="unmatched",status="405"} 1.0' \
+        in text
+    trail = cast(_Trail, c.app[AUDIT_TRAIL])
+    assert ("/api/v1/nowhere", 404, "nf-1") in trail.rows
+    assert len(trail.rows) == 4
+    r = await c.get("/api/v1/fast")
+    assert r.status == 200 and r.headers["X-Request-ID"]
+    assert trail.rows[-1][:2] == ("/api/v1/fast", 200)
+
+
+async def test_core_placement(client: tuple[TestClient[Any, Any], Metrics]) -> None:
+    c, _ = client
+    mws = list(c.app.middlewares)
+    if not mws:  # at the routes: every route's handler runs the core
+        assert all(isinstance(r.handler, functools.partial) for r in c.app.router.routes())
+    else:
+        assert mws[0] is core_middleware
+        if _other in mws:  # refused by the inner layer: still the core's id and dialect
+            r = await c.get("/api/v1/fast", headers={"X-Refuse": "1", "X-Request-ID": "r-1"})
+            assert r.status == 403
+            assert r.headers["X-Request-ID"] == "r-1"
+            assert (await r.json())["error"]["request_id"] == "r-1"
