@@ -1,6 +1,6 @@
-"""aiohttp application factory: the core (a middleware, or at the routes
-when no other middleware is installed) gives every request an id, a timeout, metrics,
-an access-log line and, whatever goes wrong, an answer in the route's own error dialect."""
+"""aiohttp application factory: the core (composed at each route around the security layers,
+or a middleware where an app lists it) gives every request an id, a timeout, metrics, an
+access-log line and, whatever goes wrong, an answer in the route's own error dialect."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from aiohttp import web
@@ -44,6 +44,7 @@ _QUIET = frozenset({"/health/live", "/health/ready", "/metrics", "/health"})
 _ALWAYS_OPEN = ("/health", "/metrics", "/openapi.json", "/docs")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Middleware = Callable[..., Awaitable[web.StreamResponse]]
 
 # request ids: a random per-process prefix and a counter; as unique as uuid4 for our purpose
 # and a fraction of its cost (uuid4 builds a UUID object from os.urandom per request)
@@ -186,23 +187,33 @@ def _route_name(route: AbstractRoute) -> str:
 
 @web.middleware
 def core_middleware(request: web.Request, handler: Handler) -> Awaitable[web.StreamResponse]:
-    """The core as an aiohttp middleware: used when other middlewares (CORS, auth, rate
-    limits) must run inside it. Returns ``_serve``'s coroutine (no extra coroutine level)."""
+    """The core as an aiohttp middleware, for apps that list it themselves (test harnesses);
+    ``build_app`` composes it at the routes. Returns ``_serve``'s coroutine (no extra
+    coroutine level)."""
     route = request.match_info.route
     return _serve(request.app[CORE], handler, _route_name(route),
                   getattr(route.handler, "own_deadline", False), request)
 
 
-def _route_level(app: web.Application, core: _Core) -> None:
-    """The core at the routes instead of as a middleware: with no middleware at all aiohttp
-    skips its middleware chain per request (a ``partial`` and a ``_fix_request_current_app``
-    coroutine level per middleware). Each route's handler becomes ``partial(_serve, ...)``;
-    requests no route matches (404, 405) get theirs from the router's resolve."""
+def _route_level(app: web.Application, core: _Core, layers: Sequence[Middleware]) -> None:
+    """The core, and the app's other middlewares inside it in their order (CORS, auth, rate
+    limits), composed once per route instead of by aiohttp per request: with no middleware
+    left on the app, aiohttp skips its chain (an lru_cache lookup, then a ``partial`` and a
+    ``_fix_request_current_app`` coroutine level per middleware). Each route's handler becomes
+    ``partial(_serve, ...)`` around ``partial(layer, handler=...)``s, as aiohttp would build
+    them; requests no route matches (404, 405, CORS preflights) get theirs from the router's
+    resolve."""
+
+    def layered(handler: Handler) -> Handler:
+        for layer in reversed(layers):
+            handler = functools.partial(layer, handler=handler)
+        return handler
+
     for route in app.router.routes():
         handler = route.handler
         if isinstance(handler, functools.partial) and handler.func is _serve:
             continue  # already wrapped (an app started twice)
-        wrapped = functools.partial(_serve, core, handler, _route_name(route),
+        wrapped = functools.partial(_serve, core, layered(handler), _route_name(route),
                                     getattr(handler, "own_deadline", False))
         route._handler = wrapped  # aiohttp has no setter
     router = app.router
@@ -216,7 +227,7 @@ def _route_level(app: web.Application, core: _Core) -> None:
             # a fresh SystemRoute per miss: its handler raises the 404/405; _serve answers it
             route = match_info.route
             route._handler = functools.partial(
-                _serve, core, route.handler, "unmatched", False)
+                _serve, core, layered(route.handler), "unmatched", False)
         return match_info
 
     router.resolve = resolve_unmatched  # type: ignore[method-assign]
@@ -224,13 +235,12 @@ def _route_level(app: web.Application, core: _Core) -> None:
 
 async def _start_core(app: web.Application) -> None:
     """Place the core before the app freezes (every route and middleware is known by now):
-    as the outermost middleware when there are others, else at the routes themselves."""
+    at the routes, with the app's middlewares moved inside it. An app that lists
+    ``core_middleware`` itself keeps aiohttp's chain."""
     core = app[CORE]
     if core_middleware not in app.middlewares:
-        if app.middlewares:
-            app.middlewares.insert(0, core_middleware)
-        else:
-            _route_level(app, core)
+        _route_level(app, core, tuple(app.middlewares))
+        app.middlewares.clear()
     core.loop = asyncio.get_running_loop()
     core.deadlines.start()
 
@@ -251,10 +261,10 @@ def install_core(app: web.Application, state: DaemonState, resolution: float = 0
 
 def build_app(state: DaemonState) -> web.Application:
     # the core (request id, deadline, metrics, dialect errors) is placed at start-up, see
-    # _start_core: outermost middleware when security layers add theirs, else at the routes
+    # _start_core: at the routes, outermost, with the security middlewares inside it
     app = web.Application(client_max_size=state.config.server.max_body_bytes)
     install_core(app, state)
-    install_security(app, state)  # CORS and auth middlewares after core_middleware
+    install_security(app, state)  # CORS and auth middlewares: inside the core
     embed_routes.add_routes(app)
     llm_routes.add_routes(app)
     vector_routes.add_routes(app)

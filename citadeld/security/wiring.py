@@ -1,8 +1,8 @@
 """How the security layer joins the app: one call from ``build_app``.
 
-Middleware order: ``core_middleware`` (request id, deadline, metrics, dialect errors; put
-first at start-up by ``citadeld.http.app``, which runs the core at the routes instead when no
-layer here adds a middleware), then CORS (preflights never need a credential), then auth.
+Layer order: the core (request id, deadline, metrics, dialect errors; ``citadeld.http.app``
+composes it at start-up at each route, outermost, with the middlewares added here inside it in
+their order), then CORS (preflights never need a credential), then auth.
 Later layers that need the principal (rate limits, audit) go after auth: add them in
 :func:`install`.
 """

@@ -66,18 +66,23 @@ async def _other(request: web.Request, handler: Any) -> web.StreamResponse:
     return cast(web.StreamResponse, await handler(request))
 
 
-# the core as an explicit middleware, at the routes (no other middleware: aiohttp then runs no
-# middleware chain), and inserted at start-up before another middleware (as with auth on)
-@pytest.fixture(params=["middleware", "routes", "before-other"])
+_PLACEMENT = web.AppKey("placement", str)
+
+
+# the core as an explicit middleware, at the routes (aiohttp then runs no middleware chain), and
+# at the routes with another middleware composed inside it (as auth is)
+@pytest.fixture(params=["middleware", "routes", "around-other"])
 async def client(request: pytest.FixtureRequest
                  ) -> AsyncIterator[tuple[TestClient[Any, Any], Metrics]]:
     cfg = Config.model_validate({"server": {"request_timeout_s": 0.3}})
     metrics = Metrics()
     state = SimpleNamespace(config=cfg, metrics=metrics, draining=False)
-    app = web.Application(middlewares={"middleware": [core_middleware], "routes": [],
-                                       "before-other": [_other]}[request.param])
+    layers: dict[str, list[Any]] = {"middleware": [core_middleware], "routes": [],
+                                    "around-other": [_other]}
+    app = web.Application(middlewares=layers[request.param])
     install_core(app, cast(DaemonState, state), resolution=0.05)
     app[AUDIT_TRAIL] = cast(AuditTrail, _Trail())
+    app[_PLACEMENT] = request.param
 
     async def slow(request: web.Request) -> web.Response:
         await asyncio.sleep(30)
@@ -167,12 +172,15 @@ async def test_unmatched_routes_answer_in_their_dialect_with_id_metrics_and_audi
 async def test_core_placement(client: tuple[TestClient[Any, Any], Metrics]) -> None:
     c, _ = client
     mws = list(c.app.middlewares)
-    if not mws:  # at the routes: every route's handler runs the core
+    if not mws:  # at the routes: every route's handler runs the core, other layers inside
         assert all(isinstance(r.handler, functools.partial) for r in c.app.router.routes())
-    else:
-        assert mws[0] is core_middleware
-        if _other in mws:  # refused by the inner layer: still the core's id and dialect
-            r = await c.get("/api/v1/fast", headers={"X-Refuse": "1", "X-Request-ID": "r-1"})
-            assert r.status == 403
+        layered = c.app[_PLACEMENT] == "around-other"
+        # refused by the inner layer (on a route and on a miss): the core's id and dialect
+        for path in ("/api/v1/fast", "/api/v1/nowhere"):
+            r = await c.get(path, headers={"X-Refuse": "1", "X-Request-ID": "r-1"})
+            assert r.status == (403 if layered else 200 if path.endswith("fast") else 404)
             assert r.headers["X-Request-ID"] == "r-1"
-            assert (await r.json())["error"]["request_id"] == "r-1"
+            if layered:
+                assert (await r.json())["error"]["request_id"] == "r-1"
+    else:
+        assert c.app[_PLACEMENT] == "middleware" and mws == [core_middleware]
