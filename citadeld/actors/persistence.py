@@ -65,8 +65,9 @@ _ROW_TABLES: dict[str, tuple[str, tuple[str, ...], str]] = {
              "(to_timestamp(%s), %s, %s, %s, %s, %s, %s, %s)"),
 }
 _JSON_COLUMNS = frozenset({"detail"})
-#: An audit row may come as a list in this order (the request trail's, built at request rate:
-#: no keys to hash or encode) or as a dict with these keys (the domain rows, older spill files).
+#: An audit row may come as a list in this order, as that list already encoded to JSON (an
+#: ``orjson.Fragment``: the request trail's, built at request rate) or as a dict with these keys
+#: (the domain rows, older spill files).
 AUDIT_FIELDS = ("at", "action", "target", "request_id", "status", "principal", "role", "method",
                 "path", "latency_ms", "client", "body_sha256", "detail")
 # Audit rows arrive at request rate: one JSON array of arrays per batch, serialised by orjson
@@ -103,8 +104,8 @@ def _dollar_quoted(data: bytes) -> bytes:
     return tag + data + tag
 
 
-def audit_list(row: dict[str, Any] | list[Any]) -> list[Any]:
-    """An audit row in the list form of :data:`AUDIT_FIELDS`."""
+def audit_list(row: dict[str, Any] | list[Any] | orjson.Fragment) -> list[Any] | orjson.Fragment:
+    """An audit row in the list form of :data:`AUDIT_FIELDS` (encoded rows stay encoded)."""
     if isinstance(row, dict):
         return [row.get(k) for k in AUDIT_FIELDS]
     return row
@@ -483,9 +484,10 @@ class Persistence(ActorFacade):
 
     # -- buffered rows --
 
-    def record(self, kind: str, row: dict[str, Any] | list[Any]) -> None:
-        """Queue an audit/health/task row (an audit row may be a list, see AUDIT_FIELDS);
-        never blocks, never raises. Called at request rate: an append and a length check."""
+    def record(self, kind: str, row: dict[str, Any] | list[Any] | orjson.Fragment) -> None:
+        """Queue an audit/health/task row (an audit row may be a list or an encoded one, see
+        AUDIT_FIELDS); never blocks, never raises. Called at request rate: an append and a
+        length check."""
         if isinstance(row, dict):
             row.setdefault("at", time.time())
         buffer = self.buffer

@@ -24,8 +24,9 @@ import orjson
 
 log = logging.getLogger("citadeld.persistence")
 
-# (kind: audit | health | task, row); an audit row may be a list (persistence.AUDIT_FIELDS)
-Row = tuple[str, dict[str, Any] | list[Any]]
+# (kind: audit | health | task, row); an audit row may be a list (persistence.AUDIT_FIELDS), or
+# that list already encoded (an orjson Fragment: the request trail's); read back, it is a list
+Row = tuple[str, dict[str, Any] | list[Any] | orjson.Fragment]
 
 
 def _fsync_dir(path: Path) -> None:

@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import orjson
 import psycopg2
 import pytest
 
@@ -182,8 +183,9 @@ async def test_batches_fit_a_small_buffer(tmp_path: Path, dsn: str) -> None:
 
 async def test_request_rows_as_lists_with_dict_rows_and_spilled_ones(tmp_path: Path,
                                                                      dsn: str) -> None:
-    """The request trail's list rows, domain dict rows and list rows read back from a spill
-    file land in one batch with every field in its column."""
+    """The request trail's rows (lists, and lists encoded at once as the trail sends them),
+    domain dict rows and rows read back from a spill file (written from a list and from an
+    encoded row) land in one batch with every field in its column."""
     at = 1_700_000_000.25
     # text that must arrive verbatim: the literal's own tags, quotes, backslashes, non-ASCII
     path = "/api/v1/$j$x$j1$'\\\"é\n"
@@ -193,10 +195,15 @@ async def test_request_rows_as_lists_with_dict_rows_and_spilled_ones(tmp_path: P
     assert len(request_row) == len(AUDIT_FIELDS)
     spilled = [at + 1, "http", None, "rid-spilled", 401, "10.0.0.1", None, "GET", "/x",
                0.25, "10.0.0.1", None, {"kind": "anonymous"}]
+    encoded = [at + 2, "http", None, "rid-encoded", 200, "local", "admin", "GET", path, 2.0,
+               "::1", None, {"kind": "local"}]
     spill = SpillFile(tmp_path / "spill", 1 << 20)
-    spill.append([("audit", spilled)])
+    spill.append([("audit", spilled),
+                  ("audit", orjson.Fragment(orjson.dumps([*spilled[:3], "rid-spilled-enc",
+                                                          *spilled[4:]])))])
     async with persistence(tmp_path, dsn) as p:
         p.record("audit", request_row)
+        p.record("audit", orjson.Fragment(orjson.dumps(encoded)))
         p.audit("vectors.store", "coll", "rid-dict", 200, items=3)
         await wait_until(lambda: not p.buffer and p.spill.rows == 0)
         await p.flush()
@@ -206,10 +213,14 @@ async def test_request_rows_as_lists_with_dict_rows_and_spilled_ones(tmp_path: P
     assert got == [
         (got[0][0], "t", "vectors.store", "coll", "rid-dict", 200, None, None, None, None, None,
          None, None, {"items": 3}),
+        (at + 2, "t", "http", None, "rid-encoded", 200, "local", "admin", "GET", path, 2.0,
+         "::1", None, {"kind": "local"}),
         (at, "t", "http", None, "rid-list", 201, "0123456789ab", "user", "POST",
          path, 1.5, "127.0.0.1", "ab" * 32, {"kind": "key", "key_id": "0123456789ab"}),
         (at + 1, "t", "http", None, "rid-spilled", 401, "10.0.0.1", None, "GET", "/x", 0.25,
          "10.0.0.1", None, {"kind": "anonymous"}),
+        (at + 1, "t", "http", None, "rid-spilled-enc", 401, "10.0.0.1", None, "GET", "/x",
+         0.25, "10.0.0.1", None, {"kind": "anonymous"}),
     ]
     assert abs(got[0][0] - time.time()) < 60
 
