@@ -89,7 +89,7 @@ def _machine_busy_s() -> float:
     return (user + nice + system + irq + softirq + steal) / CLK_TCK
 
 
-def _pid_cpu_s(pid: int) -> float:
+def pid_cpu_s(pid: int) -> float:
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
@@ -131,7 +131,7 @@ class CpuMeter:
         self._t = time.monotonic()
         self._busy = _machine_busy_s()
         self._own = _own_cpu_s()
-        self._pid = {p: _pid_cpu_s(p) for p in self.pids}
+        self._pid = {p: pid_cpu_s(p) for p in self.pids}
         self._wait = {p: _runqueue_wait_s(p) for p in self.pids}
         return self
 
@@ -140,7 +140,7 @@ class CpuMeter:
         busy = _machine_busy_s() - self._busy
         self.run_wait = {p: round((_runqueue_wait_s(p) - v) / wall, 3)
                          for p, v in self._wait.items()}
-        servers = {p: _pid_cpu_s(p) - v for p, v in self._pid.items()}
+        servers = {p: pid_cpu_s(p) - v for p, v in self._pid.items()}
         ours = sum(servers.values()) + _own_cpu_s() - self._own
         self.server_cpu_s = servers
         self.server_cores = {p: round(v / wall, 2) for p, v in servers.items()}

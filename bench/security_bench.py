@@ -44,7 +44,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from bench import workload  # noqa: E402
-from bench.embed_bench import CLIENTS, CpuMeter, _pid_cpu_s, fmt_other, wrk, wrk_script  # noqa: E402
+from bench.embed_bench import CLIENTS, CpuMeter, fmt_other, pid_cpu_s, wrk, wrk_script  # noqa: E402
 from bench.report import Figure, render, write_section  # noqa: E402
 from citadeld.security.keys import generate  # noqa: E402
 from tests.fakes.process import start_fake, stop_fake  # noqa: E402
@@ -172,11 +172,11 @@ def sec1_overhead(args: argparse.Namespace, work: Path) -> Figure:
                 for name, d in order:
                     pid = d.proc.pid if d.proc else 0
                     pg = postgres_pids()
-                    pg0 = sum(_pid_cpu_s(p) for p in pg)
+                    pg0 = sum(pid_cpu_s(p) for p in pg)
                     with CpuMeter([pid]) as cpu:
                         res = generate_load(d.url + EMBED_PATH, args.duration,
                                             variants[name][1], args.texts, work)
-                    pg_s = sum(_pid_cpu_s(p) for p in pg) - pg0
+                    pg_s = sum(pid_cpu_s(p) for p in pg) - pg0
                     n_req = max(res["requests"], 1)
                     res["other"] = max(0.0, cpu.other_cores - pg_s / cpu.wall)
                     res["cpu_us"] = cpu.server_cpu_s.get(pid, 0.0) / n_req * 1e6

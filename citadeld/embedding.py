@@ -66,6 +66,12 @@ class EmbedOutcome:
         return sum(self.tokens)
 
 
+def _keys(name: str, dims: int, normalize: bool, texts: list[str]) -> list[bytes]:
+    if len(texts) == 1:  # most requests: no comprehension (each builds a function object)
+        return [cache_key(name, dims, normalize, texts[0])]
+    return [cache_key(name, dims, normalize, t) for t in texts]
+
+
 class EmbeddingService:
     def __init__(
         self,
@@ -163,10 +169,7 @@ class EmbeddingService:
             full, normalize = self._facts[name]
             dims = full if dimensions is None else self._dims(name, full, dimensions)
             t0 = time.perf_counter()
-            if len(texts) == 1:  # most requests: no comprehension (each builds a function)
-                keys = [cache_key(name, dims, normalize, texts[0])]
-            else:
-                keys = [cache_key(name, dims, normalize, t) for t in texts]
+            keys = _keys(name, dims, normalize, texts)
             found = self.cache.lookup_now(keys)  # the in-process cache answers without a hop
             if found is not None:
                 looked = self._looked(name, dims, keys, found, t0)
@@ -244,10 +247,7 @@ class EmbeddingService:
             keys, hits, misses = looked
         else:
             t0 = time.perf_counter()
-            if n == 1:  # most requests: no comprehension (each builds a function object)
-                keys = [cache_key(name, dims, normalize, texts[0])]
-            else:
-                keys = [cache_key(name, dims, normalize, t) for t in texts]
+            keys = _keys(name, dims, normalize, texts)
             found = self.cache.lookup_now(keys)  # the in-process cache answers without a hop
             hits = found if found is not None else await self.cache.get_many(keys)
             got = self._looked(name, dims, keys, hits, t0)
