@@ -170,7 +170,7 @@ async def _serve(core: _Core, handler: Handler, route_name: str, own_deadline: b
         path = request.path
         if path not in _QUIET and access.enabled():
             access.request(rid, method, path, status, elapsed, request.remote)
-        trail = core.trail  # the audit trail, found once (record_request's lookup per request)
+        trail = core.trail  # the audit trail, looked up on the app once
         if trail is None:
             trail = core.trail = request.app.get(AUDIT_TRAIL)
         if trail is not None:

@@ -1,6 +1,6 @@
 """The request audit trail: one row per HTTP request into PostgreSQL's ``citadel_audit_log``.
 
-The core calls the trail's ``request_done`` (as :func:`record_request` does) from its
+The core (``citadeld.http.app``) calls the trail's ``request_done`` from its
 ``finally`` block, so every request is seen with its final status (errors rendered, timeouts,
 clients gone: 499). The hot-path cost is one row encoded to JSON at once and one
 ``deque.append`` into the PersistenceActor's buffer (batched INSERTs, spill file during
@@ -138,9 +138,3 @@ class AuditTrail:
 
 AUDIT_TRAIL: web.AppKey[AuditTrail] = web.AppKey("citadel_audit_trail", AuditTrail)
 
-
-def record_request(request: web.Request, status: int, elapsed: float, rid: str) -> None:
-    """The core middleware's one call: hand the finished request to the audit trail."""
-    trail = request.app.get(AUDIT_TRAIL)
-    if trail is not None:
-        trail.request_done(request, status, elapsed, rid)
