@@ -79,25 +79,24 @@ def postgres_pids() -> list[int]:
     return pids
 
 
-_PYTHON_CLIENT = False  # --loadgen
+def use_wrk(args: argparse.Namespace) -> bool:
+    return not args.loadgen and shutil.which("wrk") is not None
 
 
-def use_wrk() -> bool:
-    return not _PYTHON_CLIENT and shutil.which("wrk") is not None
-
-
-def generate_load(url: str, seconds: float, headers: dict[str, str], distinct: int,
+def generate_load(args: argparse.Namespace, url: str, headers: dict[str, str],
                   script_dir: Path) -> dict[str, Any]:
-    """wrk when installed (a C client: it leaves the cores to the daemon and PostgreSQL, whose
-    extra work is what this figure is about), else bench/loadgen.py."""
-    if not use_wrk():
-        return loadgen(url, seconds, headers, distinct)
-    script = script_dir / f"sec1-{abs(hash(tuple(headers.items())))}.lua"
+    """wrk when installed and not told ``--loadgen`` (a C client: it leaves the cores to the
+    daemon and PostgreSQL, whose extra work is what this figure is about), else
+    bench/loadgen.py."""
+    if not use_wrk(args):
+        return loadgen(url, args.duration, headers, args.texts)
+    distinct = args.texts
+    script = script_dir / ("sec1-auth.lua" if headers else "sec1.lua")
     if not script.exists():
         bodies = [workload.native_embed(MODEL, seed=SEED, distinct=distinct)(i)
                   for i in range(distinct)]
         wrk_script(bodies, script, headers)
-    return wrk(url, script, seconds, 1)
+    return wrk(url, script, args.duration, 1)
 
 
 def loadgen(url: str, seconds: float, headers: dict[str, str], distinct: int) -> dict[str, Any]:
@@ -174,8 +173,7 @@ def sec1_overhead(args: argparse.Namespace, work: Path) -> Figure:
                     pg = postgres_pids()
                     pg0 = sum(pid_cpu_s(p) for p in pg)
                     with CpuMeter([pid]) as cpu:
-                        res = generate_load(d.url + EMBED_PATH, args.duration,
-                                            variants[name][1], args.texts, work)
+                        res = generate_load(args, d.url + EMBED_PATH, variants[name][1], work)
                     pg_s = sum(pid_cpu_s(p) for p in pg) - pg0
                     n_req = max(res["requests"], 1)
                     res["other"] = max(0.0, cpu.other_cores - pg_s / cpu.wall)
@@ -193,7 +191,7 @@ def sec1_overhead(args: argparse.Namespace, work: Path) -> Figure:
 
     names = list(runs)
     off, on = names[0], names[1]
-    gen = "wrk -t1" if use_wrk() else "bench/loadgen.py"
+    gen = "wrk -t1" if use_wrk(args) else "bench/loadgen.py"
 
     def rps(name: str) -> float:
         return sum(r["throughput_rps"] for r in runs[name]) / len(runs[name])
@@ -300,8 +298,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results", type=Path, default=RESULTS)
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
-    global _PYTHON_CLIENT
-    _PYTHON_CLIENT = args.loadgen
     wanted = {f.strip().upper() for f in args.figures.split(",") if f.strip()}
     started = dt.datetime.now(dt.UTC)
     t0 = time.monotonic()

@@ -258,7 +258,8 @@ class PersistenceActor(SupervisedActor):
         counts: dict[str, int] = {}
         if list(by_kind) == ["audit"]:  # the common batch: one statement, atomic on its own
             items = by_kind["audit"]
-            data = orjson.dumps([r if type(r) is list else audit_list(r) for r in items],
+            # lists and encoded rows (the request trail's) go as they are; no call per row
+            data = orjson.dumps([audit_list(r) if type(r) is dict else r for r in items],
                                 default=str, option=orjson.OPT_SERIALIZE_NUMPY)
             async with self.pool.acquire() as conn, conn.cursor() as cur:
                 if conn.raw.encoding in ("UTF8", "UNICODE"):  # orjson: UTF-8, never a raw NUL
