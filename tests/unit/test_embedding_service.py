@@ -51,3 +51,39 @@ def test_inputs_are_checked_before_the_cache(texts: list[str], code: str) -> Non
     with pytest.raises(BadRequest) as err:
         asyncio.run(svc.embed(None, texts))
     assert err.value.code == code
+
+
+@pytest.mark.parametrize(("model", "texts", "error"), [
+    ("no-such-model", ["cached text"], "model_not_found"), (None, [""], "invalid_request"),
+    (None, ["x" * 10**6], "input_too_long"), ("", ["x" * 10**6], "input_too_long"),
+])
+def test_the_one_text_shortcut_refuses_what_the_general_checks_refuse(
+        model: str | None, texts: list[str], error: str) -> None:
+    svc, _, _ = _service()
+    with pytest.raises(Exception) as err:
+        svc.embed_now(model, texts)
+    assert getattr(err.value, "code", None) == error
+
+
+def test_a_cache_hit_is_counted_in_the_metrics() -> None:
+    svc, _, _ = _service()
+    name = svc.cfg.default_model
+    for model in (None, name, f"{name}:latest"):
+        out = svc.embed_now(model, ["cached text"])
+        assert not asyncio.iscoroutine(out) and out.model == name  # type: ignore[union-attr]
+    assert svc.metrics.cache_hits.labels().value == 3
+    text = svc.metrics.registry.get_sample_value(
+        "citadel_embed_stage_seconds_count", {"model": name, "stage": "cache"})
+    assert text == 3
+
+
+def test_a_reloaded_config_applies_its_live_limits() -> None:
+    svc, _, _ = _service()
+    assert svc.embed_now(None, ["cached text"]).cached == [True]  # type: ignore[union-attr]
+    svc.cfg = svc.cfg.model_copy(update={"max_input_chars": 5, "max_inputs": 1})
+    with pytest.raises(BadRequest) as err:
+        svc.embed_now(None, ["cached text"])
+    assert err.value.code == "input_too_long"
+    with pytest.raises(BadRequest) as err:
+        svc.embed_now(None, ["a", "b"])
+    assert err.value.code == "too_many_inputs"
