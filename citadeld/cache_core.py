@@ -221,6 +221,10 @@ class MemoryCache(EmbeddingCache):
                 else:
                     data.move_to_end(k)
                     out.append(entry[1])
+        if self._on_hit is None and self._on_miss is None:  # _count's work, without the call
+            self.hits += len(out) - misses
+            self.misses += misses
+            return out
         return self._count(out, misses)
 
     async def get_many(self, keys: list[bytes]) -> list[Vec | None]:

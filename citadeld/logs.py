@@ -48,11 +48,11 @@ class BufferedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg,unu
         # our own 64 KiB buffer on the stream's file descriptor: under PYTHONUNBUFFERED (set by
         # the systemd unit, and common in containers) sys.stdout writes every line with its own
         # syscall. Every log line goes through here, so their order is kept.
-        self._raw: Any = None
+        self.raw: Any = None
         try:
-            self._raw = open(stream.fileno(), "wb", buffering=1 << 16, closefd=False)
+            self.raw = open(stream.fileno(), "wb", buffering=1 << 16, closefd=False)
         except (AttributeError, OSError, ValueError):  # no real file descriptor (tests)
-            self._raw = None
+            self.raw = None
         self._stop = threading.Event()
         self._flusher = threading.Thread(
             target=self._flush_loop, args=(interval,), name="log-flush", daemon=True
@@ -63,8 +63,8 @@ class BufferedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg,unu
     def emit(self, record: logging.LogRecord) -> None:
         try:
             line = self.format(record) + "\n"
-            if self._raw is not None:
-                self._raw.write(line.encode("utf-8", "backslashreplace"))
+            if self.raw is not None:
+                self.raw.write(line.encode("utf-8", "backslashreplace"))
             else:
                 self.stream.write(line)
             if record.levelno >= logging.WARNING:
@@ -73,19 +73,20 @@ class BufferedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg,unu
             self.handleError(record)
 
     def write_line(self, line: bytes) -> None:
-        """A pre-formatted line (the access log's fast path); same buffer, same flushing."""
+        """A pre-formatted line ending in a newline (the access log's); same buffer, same
+        flushing."""
         try:
-            if self._raw is not None:
-                self._raw.write(line + b"\n")
+            if self.raw is not None:
+                self.raw.write(line)
             else:
-                self.stream.write(line.decode() + "\n")
+                self.stream.write(line.decode())
         except Exception:  # a log line must never fail the request it describes
             pass
 
     def flush(self) -> None:
-        if self._raw is not None:
+        if self.raw is not None:
             try:
-                self._raw.flush()
+                self.raw.flush()
             except (OSError, ValueError):
                 pass
         super().flush()
@@ -98,24 +99,25 @@ class BufferedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg,unu
 _line_handler: BufferedStreamHandler | None = None
 
 
+_NEWLINE = orjson.OPT_APPEND_NEWLINE
 _MS = tuple(f".{i:03d}Z" for i in range(1000))
 
 
 class _Clock:
     """The ISO timestamp prefix changes once a second: format it once a second, not per line."""
 
-    __slots__ = ("_prefix", "_sec")
+    __slots__ = ("prefix", "sec")
 
     def __init__(self) -> None:
-        self._sec = -1
-        self._prefix = ""
+        self.sec = -1
+        self.prefix = ""
 
     def stamp(self, now: float) -> str:
         sec = int(now)
-        if sec != self._sec:
-            self._sec = sec
-            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
-        return self._prefix + _MS[int((now - sec) * 1000)]
+        if sec != self.sec:
+            self.sec = sec
+            self.prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+        return self.prefix + _MS[int((now - sec) * 1000)]
 
 
 class AccessLog:
@@ -139,14 +141,28 @@ class AccessLog:
         ms = int(elapsed * 100_000) / 100  # round() with digits costs twice as much
         handler = _line_handler
         if handler is not None and self.logger.propagate and not self.logger.handlers:
+            now = time.time()
+            sec = int(now)
+            clock = self._clock  # within the same second (nearly always): stamp(), inline
+            ts = clock.prefix + _MS[int((now - sec) * 1000)] if sec == clock.sec else \
+                clock.stamp(now)
             try:
-                handler.write_line(orjson.dumps({
-                    "ts": self._clock.stamp(time.time()), "level": "info", "logger": self._name,
+                line = orjson.dumps({
+                    "ts": ts, "level": "info", "logger": self._name,
                     "msg": "request", "request_id": rid, "method": method, "path": path,
-                    "status": status, "ms": ms, "remote": remote}))
-                return
+                    "status": status, "ms": ms, "remote": remote}, option=_NEWLINE)
             except TypeError:  # a lone surrogate in a percent-decoded path: logging escapes it
                 pass
+            else:
+                raw = handler.raw
+                if raw is None:
+                    handler.write_line(line)
+                    return
+                try:
+                    raw.write(line)  # write_line, inline
+                except (OSError, ValueError):  # a log line must never fail its request
+                    pass
+                return
         self.logger.info("request", extra={"method": method, "path": path, "status": status,
                                            "ms": ms, "remote": remote})
 

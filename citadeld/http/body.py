@@ -13,7 +13,6 @@ from aiohttp import web
 
 from citadeld.errors import BadRequest, CitadelError, PayloadTooLarge
 from citadeld.http.fastcheck import compile_fast
-from citadeld.state import STATE
 
 Validator = Callable[[Any], Any]
 
@@ -31,13 +30,14 @@ def compile_schema(schema: dict[str, Any]) -> Validator:
 
 async def read_json(request: web.Request, validate: Validator | None = None) -> Any:
     length = request.content_length  # a property that parses the header on every call
-    if length is not None and length > request.app[STATE].config.server.max_body_bytes:
-        limit = request.app[STATE].config.server.max_body_bytes
+    # client_max_size: the app's, set from server.max_body_bytes (a restart-only key)
+    if length is not None and length > request.client_max_size:
+        limit = request.client_max_size
         raise PayloadTooLarge(f"request body is {length} bytes (at most {limit})", param=None)
     try:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
-        limit = request.app[STATE].config.server.max_body_bytes
+        limit = request.client_max_size
         raise PayloadTooLarge(f"request body exceeds {limit} bytes") from None
     if not raw:
         raise BadRequest("request body is empty; expected a JSON object", code="invalid_json")

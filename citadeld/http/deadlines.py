@@ -15,21 +15,23 @@ import time
 
 
 class Deadlines:
-    __slots__ = ("_expired", "_live", "_task", "resolution")
+    __slots__ = ("_expired", "_task", "live", "resolution")
 
     def __init__(self, resolution: float = 0.25) -> None:
         self.resolution = resolution
-        self._live: dict[asyncio.Task[object], float] = {}
+        # task -> deadline; the core writes and pops it inline on every request (two calls
+        # fewer), and calls ``done`` only for a task no longer in it (an expired one)
+        self.live: dict[asyncio.Task[object], float] = {}
         self._expired: set[asyncio.Task[object]] = set()
         self._task: asyncio.Task[None] | None = None
 
     def add(self, task: asyncio.Task[object], deadline: float) -> None:
         """``deadline`` on the ``time.monotonic()`` clock."""
-        self._live[task] = deadline
+        self.live[task] = deadline
 
     def done(self, task: asyncio.Task[object]) -> bool:
         """Forget the task; True when it was cancelled because its deadline passed."""
-        self._live.pop(task, None)
+        self.live.pop(task, None)
         if self._expired and task in self._expired:
             self._expired.discard(task)
             return True
@@ -47,9 +49,9 @@ class Deadlines:
             self._task = None
 
     def sweep_once(self, now: float) -> int:
-        overdue = [t for t, d in self._live.items() if d <= now]
+        overdue = [t for t, d in self.live.items() if d <= now]
         for task in overdue:
-            del self._live[task]
+            del self.live[task]
             self._expired.add(task)
             task.cancel()
         return len(overdue)

@@ -77,6 +77,23 @@ def _value(schema: Any) -> Check | None:
     return None
 
 
+_STR, _BOOL, _CALL = 0, 1, 2
+_ABSENT: Any = object()
+Spec = tuple[int, Any, Any]
+
+
+def _spec(schema: Any) -> Spec | None:
+    """A property's check as data, so the object check runs the common ones inline:
+    (_STR, minLength, maxLength), (_BOOL, -, -) or (_CALL, check, -); None: not simple."""
+    if isinstance(schema, dict) and _keys(schema, {"type", "minLength", "maxLength"}):
+        if schema.get("type") == "string":
+            return _STR, schema.get("minLength", 0), schema.get("maxLength", math.inf)
+        if schema.get("type") == "boolean" and _keys(schema, {"type"}):
+            return _BOOL, None, None
+    check = _value(schema)
+    return None if check is None else (_CALL, check, None)
+
+
 def _object(schema: dict[str, Any]) -> Check | None:
     if schema.get("type") != "object" or not _keys(
             schema, {"type", "properties", "required", "additionalProperties", "oneOf"}):
@@ -84,8 +101,7 @@ def _object(schema: dict[str, Any]) -> Check | None:
     extra = schema.get("additionalProperties", True)
     if extra not in (True, False):
         return None
-    props: dict[str, Check | None] = {k: _value(v) for k, v in
-                                      schema.get("properties", {}).items()}
+    props = {k: _spec(v) for k, v in schema.get("properties", {}).items()}
     required = tuple(schema.get("required", ()))
     alternatives: list[tuple[str, ...]] = []
     for branch in schema.get("oneOf", ()):  # only "exactly one of these key sets" is simple
@@ -98,11 +114,21 @@ def _object(schema: dict[str, Any]) -> Check | None:
         if type(body) is not dict:
             return False
         for key, value in body.items():
-            if key in props:
-                c = props[key]
-                if c is None or not c(value):
+            spec = props.get(key, _ABSENT)
+            if spec is _ABSENT:
+                if closed:
                     return False
-            elif closed:
+                continue
+            if spec is None:
+                return False
+            kind, a, b = spec  # strings and booleans inline: no call per property
+            if kind == _STR:
+                if type(value) is not str or not a <= len(value) <= b:
+                    return False
+            elif kind == _BOOL:
+                if type(value) is not bool:
+                    return False
+            elif not a(value):
                 return False
         for key in required:
             if key not in body:
