@@ -25,6 +25,9 @@ import numpy as np
 log = logging.getLogger("citadeld.cache")
 
 CountCb = Callable[[int], None]
+# a cache key: a digest (bytes), or for the in-process cache (model, dims, normalize, text)
+Key = Any
+SHORT_TEXT = 512  # characters: up to this, the in-process cache keys a text by itself
 Vec = np.ndarray
 ValueFormat = Literal["float32", "msgpack"]
 VALUE_FORMATS: tuple[str, ...] = ("float32", "msgpack")
@@ -152,6 +155,11 @@ class EmbeddingCache(abc.ABC):
         except Exception:
             log.exception("cache error callback failed")
 
+    def key(self, model: str, dims: int, normalize: bool, text: str) -> Key:
+        """This backend's key for one text: the BLAKE2b digest, which outlives the process
+        (Redis keeps it across daemon versions)."""
+        return cache_key(model, dims, normalize, text)
+
     @abc.abstractmethod
     async def get_many(self, keys: list[bytes]) -> list[Vec | None]: ...
 
@@ -186,6 +194,14 @@ class MemoryCache(EmbeddingCache):
 
     backend = "memory"
 
+    def key(self, model: str, dims: int, normalize: bool, text: str) -> Key:
+        """In-process keys never leave the process, so a short text is its own key: the tuple
+        hashes in a tenth of BLAKE2b's instructions and compares exactly (no collision at all).
+        Longer texts are keyed by digest, so the cache does not keep them alive."""
+        if len(text) <= SHORT_TEXT:
+            return (model, dims, normalize, text)
+        return cache_key(model, dims, normalize, text)
+
     def __init__(
         self,
         *,
@@ -200,10 +216,10 @@ class MemoryCache(EmbeddingCache):
         self.max_entries = max(1, int(max_entries))
         self.ttl_s = ttl_s
         self._clock = clock
-        self._data: OrderedDict[bytes, tuple[float, Vec]] = OrderedDict()
+        self._data: OrderedDict[Key, tuple[float, Vec]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def lookup(self, keys: list[bytes]) -> list[Vec | None]:
+    def lookup(self, keys: list[Key]) -> list[Vec | None]:
         now = self._clock()
         out: list[Vec | None] = []
         data = self._data
@@ -227,19 +243,19 @@ class MemoryCache(EmbeddingCache):
             return out
         return self._count(out, misses)
 
-    async def get_many(self, keys: list[bytes]) -> list[Vec | None]:
+    async def get_many(self, keys: list[Key]) -> list[Vec | None]:
         return self.lookup(keys)
 
     # the lookup itself (no forwarding frame per request): the in-process answer is always at hand
     lookup_now = lookup
 
-    def put_many(self, items: list[tuple[bytes, Vec]]) -> None:
+    def put_many(self, items: list[tuple[Key, Vec]]) -> None:
         expires = self._clock() + self.ttl_s if self.ttl_s > 0 else math.inf
-        ready: list[tuple[bytes, Vec]] = []
+        ready: list[tuple[Key, Vec]] = []
         for item in items:
             try:
                 key, vec = item
-                ready.append((bytes(key), as_f32(vec)))
+                ready.append((key if type(key) is tuple else bytes(key), as_f32(vec)))
             except Exception:
                 self.dropped += 1
         with self._lock:

@@ -13,8 +13,9 @@ from collections.abc import Awaitable
 
 import numpy as np
 
-from citadeld.actors.cache import EmbeddingCache, cache_key
+from citadeld.actors.cache import EmbeddingCache
 from citadeld.actors.embedder_pool import EmbedderPool
+from citadeld.cache_core import Key
 from citadeld.config import EmbeddingConfig, ModelConfig
 from citadeld.errors import (
     BadRequest,
@@ -61,10 +62,12 @@ class EmbedOutcome:
         return self._vectors
 
 
-def _keys(name: str, dims: int, normalize: bool, texts: list[str]) -> list[bytes]:
+def _keys(cache: EmbeddingCache, name: str, dims: int, normalize: bool,
+          texts: list[str]) -> list[Key]:
+    key = cache.key
     if len(texts) == 1:  # most requests: no comprehension (each builds a function object)
-        return [cache_key(name, dims, normalize, texts[0])]
-    return [cache_key(name, dims, normalize, t) for t in texts]
+        return [key(name, dims, normalize, texts[0])]
+    return [key(name, dims, normalize, t) for t in texts]
 
 
 class EmbeddingService:
@@ -179,8 +182,8 @@ class EmbeddingService:
             full, normalize = self._facts[name]
             dims = full if dimensions is None else self._dims(name, full, dimensions)
             t0 = time.perf_counter()
-            keys = ([cache_key(name, dims, normalize, texts[0])] if len(texts) == 1
-                    else _keys(name, dims, normalize, texts))
+            keys = ([self.cache.key(name, dims, normalize, texts[0])] if len(texts) == 1
+                    else _keys(self.cache, name, dims, normalize, texts))
             found = self.cache.lookup_now(keys)  # the in-process cache answers without a hop
             if found is not None:
                 hit = found[0] if len(found) == 1 else None
@@ -202,7 +205,7 @@ class EmbeddingService:
         use_cache: bool,
         truncate: bool | None,
         dimensions: int | None,
-        looked: tuple[list[bytes], list[np.ndarray | None], list[int]] | None,
+        looked: tuple[list[Key], list[np.ndarray | None], list[int]] | None,
     ) -> EmbedOutcome:
         try:
             return await self._embed_with(name, texts, use_cache, truncate, dimensions, looked)
@@ -224,9 +227,9 @@ class EmbeddingService:
         return dims
 
     def _looked(
-        self, name: str, dims: int, keys: list[bytes], hits: list[np.ndarray | None],
+        self, name: str, dims: int, keys: list[Key], hits: list[np.ndarray | None],
         t0: float,
-    ) -> EmbedOutcome | tuple[list[bytes], list[np.ndarray | None], list[int]]:
+    ) -> EmbedOutcome | tuple[list[Key], list[np.ndarray | None], list[int]]:
         """Account a cache lookup: the outcome when every text hit, else (keys, hits, misses)."""
         self._cache_stage[name].observe(time.perf_counter() - t0)
         shape = (dims,)
@@ -250,12 +253,12 @@ class EmbeddingService:
         use_cache: bool,
         truncate: bool | None,
         dimensions: int | None,
-        looked: tuple[list[bytes], list[np.ndarray | None], list[int]] | None = None,
+        looked: tuple[list[Key], list[np.ndarray | None], list[int]] | None = None,
     ) -> EmbedOutcome:
         full, normalize = self._facts[name]
         dims = self._dims(name, full, dimensions)
         n = len(texts)
-        keys: list[bytes] = []
+        keys: list[Key] = []
         hits: list[np.ndarray | None] = []
         if not use_cache:
             misses = list(range(n))
@@ -263,7 +266,7 @@ class EmbeddingService:
             keys, hits, misses = looked
         else:
             t0 = time.perf_counter()
-            keys = _keys(name, dims, normalize, texts)
+            keys = _keys(self.cache, name, dims, normalize, texts)
             found = self.cache.lookup_now(keys)  # the in-process cache answers without a hop
             hits = found if found is not None else await self.cache.get_many(keys)
             got = self._looked(name, dims, keys, hits, t0)
@@ -291,7 +294,7 @@ class EmbeddingService:
                 raise BadRequest(
                     f"{where}: {exc.error.message}", code="input_rejected", param="input"
                 ) from None
-            fresh: list[tuple[bytes, np.ndarray]] = []
+            fresh: list[tuple[Key, np.ndarray]] = []
             for i, (vec, ntok) in zip(misses, results, strict=True):
                 out = _reduce(vec, dims, normalize) if dims != vec.shape[0] else vec
                 if not np.all(np.isfinite(out)):

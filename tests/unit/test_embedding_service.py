@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from citadeld.cache_core import MemoryCache, cache_key
+from citadeld.cache_core import SHORT_TEXT, MemoryCache, cache_key
 from citadeld.config import load_config
 from citadeld.embedding import EmbeddingService
 from citadeld.errors import BadRequest
@@ -26,7 +26,7 @@ def _service() -> tuple[EmbeddingService, MemoryCache, np.ndarray]:
     name = cfg.embedding.default_model
     m = cfg.embedding.models[name]
     vec = np.arange(m.dims, dtype=np.float32) / m.dims
-    cache.put_many([(cache_key(name, m.dims, m.normalize, "cached text"), vec)])
+    cache.put_many([(cache.key(name, m.dims, m.normalize, "cached text"), vec)])
     svc = EmbeddingService(cfg.embedding, {name: NoPool()}, cache, Metrics())  # type: ignore[dict-item]
     return svc, cache, vec
 
@@ -87,3 +87,36 @@ def test_a_reloaded_config_applies_its_live_limits() -> None:
     with pytest.raises(BadRequest) as err:
         svc.embed_now(None, ["a", "b"])
     assert err.value.code == "too_many_inputs"
+
+
+class EchoPool:
+    """Embeds by text length, so each text gets its own vector; counts what reached it."""
+
+    def __init__(self, dims: int) -> None:
+        self.dims = dims
+        self.seen: list[str] = []
+
+    async def embed(self, texts: list[str], truncate: bool) -> list[Any]:
+        self.seen += texts
+        return [(np.full(self.dims, len(t), dtype=np.float32), 1) for t in texts]
+
+
+@pytest.mark.parametrize("length", [1, SHORT_TEXT, SHORT_TEXT + 1, 5000])
+def test_short_and_long_texts_are_cached_and_kept_apart(length: int) -> None:
+    cfg = load_config(None)
+    name = cfg.embedding.default_model
+    dims = cfg.embedding.models[name].dims
+    cache = MemoryCache(max_entries=10, ttl_s=60)
+    pool = EchoPool(dims)
+    svc = EmbeddingService(cfg.embedding, {name: pool}, cache, Metrics())  # type: ignore[dict-item]
+    text, near = "x" * length, "x" * (length - 1) + "y"
+    first = asyncio.run(svc.embed(None, [text, near]))
+    again = asyncio.run(svc.embed(None, [text]))
+    assert first.cached == [False, False] and again.cached == [True]
+    assert np.array_equal(again.rows[0], first.rows[0]) and pool.seen == [text, near]
+    key = cache.key(name, dims, True, text)
+    # short texts key themselves (exact), long ones by the same digest Redis uses
+    assert key == ((name, dims, True, text) if length <= SHORT_TEXT
+                   else cache_key(name, dims, True, text))
+    other_dims = asyncio.run(svc.embed(None, [text], dimensions=dims // 2))
+    assert other_dims.cached == [False] and other_dims.dims == dims // 2
