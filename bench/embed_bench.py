@@ -701,14 +701,19 @@ def _memory_run(
 
 def expected_entry_bytes(n: int = 20_000) -> float:
     """Python-heap bytes per entry of citadeld's in-process LRU, from its data layout
-    (OrderedDict[16-byte key, (expiry, read-only float32[384])]), measured with tracemalloc."""
+    (OrderedDict[key, (expiry, read-only float32[384])], the key as ``MemoryCache.key`` makes
+    it for this benchmark's texts), measured with tracemalloc."""
+    from citadeld.cache_core import MemoryCache
+
+    key = MemoryCache(max_entries=1, ttl_s=0).key
     tracemalloc.start()
     base = tracemalloc.get_traced_memory()[0]
-    data: OrderedDict[bytes, tuple[float, np.ndarray]] = OrderedDict()
+    data: OrderedDict[Any, tuple[float, np.ndarray]] = OrderedDict()
     for i in range(n):
         v = np.array(np.arange(384, dtype=np.float32) + i, dtype=np.float32, copy=True)
         v.setflags(write=False)
-        data[bytes(os.urandom(16))] = (time.monotonic() + 1e6, v)
+        # the text is traced too: the key keeps alive what the request would have freed
+        data[key(MODEL, 384, True, workload.text(i, SEED_MEMORY))] = (time.monotonic() + 1e6, v)
     used = tracemalloc.get_traced_memory()[0] - base
     tracemalloc.stop()
     del data
@@ -742,7 +747,8 @@ def fig5_memory(args: argparse.Namespace, procs: Procs) -> Figure:
         f"default run: cache entries {b['entries1']} -> {b['entries2']} (+{added}), "
         f"{b['errors']} errors; growth {grown / 2**20:.1f} MiB = {per_entry:.0f} B per entry vs "
         f"{expect:.0f} B expected from the LRU's layout (float32[384] = 1536 B of data + numpy "
-        f"header + 16-byte key object + (expiry, vector) tuple + OrderedDict slot and link), "
+        f"header + a key tuple holding the text + (expiry, vector) tuple + OrderedDict slot and "
+        f"link), "
         f"measured with tracemalloc; at the default max_entries 100000 the cache alone holds "
         f"~{expect * 100_000 / 2**20:.0f} MiB",
         f"{fmt_other(max(a['other'], b['other']))} (max of both runs)",
