@@ -196,7 +196,7 @@ class MemoryCache(EmbeddingCache):
 
     def key(self, model: str, dims: int, normalize: bool, text: str) -> Key:
         """In-process keys never leave the process, so a short text is its own key: the tuple
-        hashes in a tenth of BLAKE2b's instructions and compares exactly (no collision at all).
+        costs a third of the digest's instructions and compares exactly (no collision at all).
         Longer texts are keyed by digest, so the cache does not keep them alive."""
         if len(text) <= SHORT_TEXT:
             return (model, dims, normalize, text)

@@ -133,9 +133,6 @@ class AccessLog:
         self._name = name
         self._clock = _Clock()
 
-    def enabled(self) -> bool:
-        return self.logger.isEnabledFor(logging.INFO)
-
     def request(self, rid: str, method: str, path: str, status: int, elapsed: float,
                 remote: str | None) -> None:
         ms = int(elapsed * 100_000) / 100  # round() with digits costs twice as much

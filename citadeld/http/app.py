@@ -171,7 +171,7 @@ async def _serve(core: _Core, handler: Handler, route_name: str, own_deadline: b
         method = request.method
         core.metrics.record(route_name, method, status, elapsed)
         path = request.path
-        if path not in _QUIET and access.logger.isEnabledFor(logging.INFO):  # enabled()
+        if path not in _QUIET and access.logger.isEnabledFor(logging.INFO):
             access.request(rid, method, path, status, elapsed, request.remote)
         trail = core.trail  # the audit trail, looked up on the app once
         if trail is None:
