@@ -17,6 +17,9 @@ from collections.abc import Callable
 from typing import Any
 
 Check = Callable[[Any], bool]
+Spec = tuple[int, Any, Any]
+_STR, _BOOL, _CALL = 0, 1, 2
+_ABSENT: Any = object()
 
 # keywords with no bearing on validity. Not "default": fastjsonschema writes defaults into the
 # body, which handlers may rely on, so a schema with one is never simple.
@@ -54,12 +57,13 @@ def _value(schema: Any) -> Check | None:
             return None
         allowed = frozenset(values)
         return lambda v: type(v) is str and v in allowed
-    kind = schema.get("type")
-    if kind == "string" and _keys(schema, {"type", "minLength", "maxLength"}):
-        lo, hi = schema.get("minLength", 0), schema.get("maxLength", math.inf)
-        return lambda v: type(v) is str and lo <= len(v) <= hi
-    if kind == "boolean" and _keys(schema, {"type"}):
+    scalar = _scalar(schema)
+    if scalar is not None:
+        tag, lo, hi = scalar
+        if tag == _STR:
+            return lambda v: type(v) is str and lo <= len(v) <= hi
         return lambda v: type(v) is bool
+    kind = schema.get("type")
     if kind in ("integer", "number") and _keys(schema, {"type", "minimum", "maximum"}):
         lo, hi = schema.get("minimum", -math.inf), schema.get("maximum", math.inf)
         types = (int,) if kind == "integer" else (int, float)
@@ -77,19 +81,23 @@ def _value(schema: Any) -> Check | None:
     return None
 
 
-_STR, _BOOL, _CALL = 0, 1, 2
-_ABSENT: Any = object()
-Spec = tuple[int, Any, Any]
+def _scalar(schema: dict[str, Any]) -> Spec | None:
+    """A string with length bounds or a boolean, as data: (_STR, minLength, maxLength) or
+    (_BOOL, -, -). The one definition of both, for ``_value``'s lambdas and ``_spec``."""
+    kind = schema.get("type")
+    if kind == "string" and _keys(schema, {"type", "minLength", "maxLength"}):
+        return _STR, schema.get("minLength", 0), schema.get("maxLength", math.inf)
+    if kind == "boolean" and _keys(schema, {"type"}):
+        return _BOOL, None, None
+    return None
 
 
 def _spec(schema: Any) -> Spec | None:
-    """A property's check as data, so the object check runs the common ones inline:
-    (_STR, minLength, maxLength), (_BOOL, -, -) or (_CALL, check, -); None: not simple."""
-    if isinstance(schema, dict) and _keys(schema, {"type", "minLength", "maxLength"}):
-        if schema.get("type") == "string":
-            return _STR, schema.get("minLength", 0), schema.get("maxLength", math.inf)
-        if schema.get("type") == "boolean" and _keys(schema, {"type"}):
-            return _BOOL, None, None
+    """A property's check as data, so the object check runs the common ones inline: a
+    ``_scalar`` or (_CALL, check, -); None: not simple."""
+    scalar = _scalar(schema) if isinstance(schema, dict) else None
+    if scalar is not None:
+        return scalar
     check = _value(schema)
     return None if check is None else (_CALL, check, None)
 
